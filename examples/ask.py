@@ -1,0 +1,26 @@
+"""Ask a question about an image from Python, then a follow-up, streaming the answers.
+
+    python examples/ask.py --model BAAI/EVE-7B-HD-v2.0 --image photo.jpg
+"""
+
+import argparse
+
+from mlx_eve import load, stream_generate
+from mlx_eve.generate import BUNDLED_MODEL
+
+parser = argparse.ArgumentParser()
+parser.add_argument("--model", default=str(BUNDLED_MODEL))
+parser.add_argument("--image", default="examples/images/shapes.png")
+args = parser.parse_args()
+
+model, processor = load(args.model)
+conversation = [{"role": "user", "content": "What shapes are in the picture?"}]
+for follow_up in ["Which one is on the right?", None]:
+    answer = ""
+    for response in stream_generate(model, processor, conversation, image=args.image, max_tokens=64):
+        print(response.text, end="", flush=True)
+        answer += response.text
+    print(f"\n[{response.prompt_tokens} prompt tokens, {response.generation_tps:.1f} tokens/s]\n")
+    if follow_up is None:
+        break
+    conversation += [{"role": "assistant", "content": answer}, {"role": "user", "content": follow_up}]

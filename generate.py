@@ -1,0 +1,8 @@
+"""Ask an EVE model about images: ``python generate.py --image photo.jpg -p "What is in the picture?"``."""
+
+import sys
+
+from mlx_eve.generate import main
+
+if __name__ == "__main__":
+    sys.exit(main())

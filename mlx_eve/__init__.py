@@ -1,0 +1,8 @@
+"""mlx-eve: BAAI's encoder-free EVE vision-language models (EVEv1, EVEv2) in MLX."""
+
+from .generate import GenerationResponse, generate, stream_generate
+from .loading import load
+
+__version__ = "0.1.0"
+
+__all__ = ["GenerationResponse", "generate", "load", "stream_generate", "__version__"]

@@ -1,0 +1,262 @@
+"""``load``: a local folder or Hugging Face repo (original PyTorch checkpoint or MLX conversion) → model, processor."""
+
+import json
+import pickle
+import re
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+from .errors import CheckpointError, MissingDependencyError, ModelNotFoundError
+from .image_processing import load_image_processor
+from .models import model_module
+from .models.base import EVEModel
+from .processor import Processor
+
+HUB_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+NON_WEIGHT_FILES = ["*.json", "tokenizer.model", "*.tiktoken", "*.txt", "*.jinja", "*.md"]
+# (index file, shard pattern) in order of preference.
+WEIGHT_LAYOUTS = [
+    ("model.safetensors.index.json", "model*.safetensors"),
+    ("pytorch_model.bin.index.json", "pytorch_model*.bin"),
+]
+
+
+def load(
+    path_or_repo: str,
+    adapter_path: Optional[str] = None,
+    *,
+    max_size: Optional[int] = None,
+    lazy: bool = False,
+    revision: Optional[str] = None,
+) -> Tuple[EVEModel, Processor]:
+    """Load an EVEv1 or EVEv2 model and its processor.
+
+    Args:
+        path_or_repo: a local model folder or a Hugging Face repo id (downloaded on first use).
+        adapter_path: a folder with LoRA adapters (``adapter_config.json`` + ``adapters.safetensors``).
+        max_size: EVEv2 image resolution (default from the checkpoint, 1600).
+        lazy: leave the weights unevaluated until first use.
+    """
+    model_path = get_model_path(path_or_repo, revision)
+    config = read_config(model_path)
+    image_processor = load_image_processor(model_path, config, max_size)
+    model = build_model(config, image_processor.model_args())
+    weights = model.sanitize(read_weights(model_path))
+    quantize_like_checkpoint(model, config, weights)
+    check_weights(model, weights, model_path)
+    model.load_weights(list(weights.items()))
+    if adapter_path is not None:
+        from mlx_lm.tuner.utils import load_adapters
+
+        model = load_adapters(model, adapter_path)
+    if not lazy:
+        mx.eval(model.parameters())
+    model.eval()
+    processor = Processor.from_pretrained(model_path, config, image_processor)
+    if len(processor.tokenizer) < model.args.vocab_size:
+        model.vocab_limit = len(processor.tokenizer)
+    return model, processor
+
+
+def get_model_path(path_or_repo: str, revision: Optional[str] = None) -> Path:
+    path = Path(path_or_repo).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise ModelNotFoundError(f"{path_or_repo} is a file; pass the folder that holds config.json.")
+    if not HUB_REPO_ID.match(str(path_or_repo)):
+        raise ModelNotFoundError(f"Model folder not found: {path_or_repo}")
+    return _download(str(path_or_repo), revision)
+
+
+def _download(repo_id: str, revision: Optional[str]) -> Path:
+    from huggingface_hub import model_info, snapshot_download
+
+    try:
+        # model_info fails at once when offline (listing the repo tree retries for ~25 s).
+        files = [f.rfilename for f in model_info(repo_id, revision=revision).siblings or []]
+    except Exception as e:  # offline or unreachable: a complete cached snapshot still works
+        try:
+            return Path(snapshot_download(repo_id, revision=revision, local_files_only=True))
+        except Exception:
+            raise ModelNotFoundError(
+                f"{repo_id!r} is not a local folder, and the Hugging Face Hub could not provide it "
+                f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'no details'}). "
+                "Check the repo id and your network connection, or pass a local model folder."
+            ) from e
+    safetensors = any(f.endswith(".safetensors") for f in files)
+    patterns = NON_WEIGHT_FILES + (["*.safetensors"] if safetensors else ["*.bin"])
+    try:
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
+    except Exception as e:
+        raise ModelNotFoundError(f"Downloading {repo_id!r} from the Hugging Face Hub failed: {e}") from e
+
+
+def read_config(model_path: Path) -> dict:
+    file = model_path / "config.json"
+    if not file.exists():
+        raise CheckpointError(f"{model_path} has no config.json: it is not a model folder.")
+    try:
+        config = json.loads(file.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{file} is not valid JSON: {e}") from e
+    model_module(config.get("model_type"))  # unknown types fail here, with the supported ones listed
+    return config
+
+
+def build_model(config: dict, vision_args: Dict[str, int]) -> EVEModel:
+    module = model_module(config["model_type"])
+    return module.Model(module.ModelArgs.from_dict({**config, **vision_args}))
+
+
+def weight_files(model_path: Path) -> List[Path]:
+    """The shards of the checkpoint: from its index when there is one, else by file name."""
+    for index_name, pattern in WEIGHT_LAYOUTS:
+        index = model_path / index_name
+        if index.exists():
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            missing = [s for s in shards if not (model_path / s).exists()]
+            if missing:
+                raise CheckpointError(f"{index} lists shards that are missing: {', '.join(missing)}.")
+            return [model_path / s for s in shards]
+        files = sorted(model_path.glob(pattern))
+        if files:
+            return files
+    raise CheckpointError(
+        f"No weights in {model_path}: expected model*.safetensors or pytorch_model*.bin files."
+    )
+
+
+def read_weights(model_path: Path) -> Dict[str, mx.array]:
+    reader = WeightReader(model_path)
+    return {key: reader.take(key) for key in reader.keys()}
+
+
+class WeightReader:
+    """Every tensor of a checkpoint, by name, reading no data until a tensor is taken.
+
+    ``.safetensors`` shards are opened lazily by MLX; ``.bin`` shards are memory-mapped by
+    ``torch.load(weights_only=True, mmap=True)`` and converted one tensor at a time. ``take`` hands a
+    tensor over and forgets it, so once the caller drops it its memory is freed.
+    """
+
+    def __init__(self, model_path: Path):
+        self.files = weight_files(model_path)
+        self._tensors = {}
+        for file in self.files:
+            self._tensors.update(_open_safetensors(file) if file.suffix == ".safetensors" else _open_torch(file))
+
+    def keys(self) -> List[str]:
+        return list(self._tensors)
+
+    def spec(self, key: str) -> Tuple[tuple, mx.Dtype]:
+        """Shape and MLX dtype of a tensor, from the file headers only."""
+        tensor = self._tensors[key]
+        if isinstance(tensor, mx.array):
+            return tuple(tensor.shape), tensor.dtype
+        return tuple(tensor.shape), _TORCH_TO_MLX_DTYPES[str(tensor.dtype)]
+
+    def take(self, key: str) -> mx.array:
+        tensor = self._tensors.pop(key)
+        return tensor if isinstance(tensor, mx.array) else _torch_to_mlx(tensor)
+
+
+def _open_safetensors(file: Path) -> Dict[str, mx.array]:
+    try:
+        return mx.load(str(file))
+    except Exception as e:
+        raise CheckpointError(f"Could not read {file}: {e}") from e
+
+
+def _open_torch(file: Path) -> dict:
+    try:
+        import torch
+    except ImportError:
+        raise MissingDependencyError(
+            f"{file.name} is a PyTorch checkpoint and reading it needs torch: pip install 'mlx-eve[torch]'."
+        ) from None
+    try:
+        try:
+            state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:  # files in the legacy (pre-zip) format cannot be memory-mapped
+            state = torch.load(file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(
+            f"{file} holds more than plain tensors; refusing to unpickle it. ({str(e).splitlines()[0]})"
+        ) from e
+    except Exception as e:
+        raise CheckpointError(f"Could not read {file}: {e}") from e
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{file} is not a flat dictionary of tensors.")
+    unsupported = sorted({str(v.dtype) for v in state.values()} - _TORCH_TO_MLX_DTYPES.keys())
+    if unsupported:
+        raise CheckpointError(f"{file} holds tensors of unsupported types: {', '.join(unsupported)}.")
+    return state
+
+
+_TORCH_TO_MLX_DTYPES = {
+    "torch.float32": mx.float32,
+    "torch.float16": mx.float16,
+    "torch.bfloat16": mx.bfloat16,
+    "torch.int64": mx.int64,
+    "torch.int32": mx.int32,
+    "torch.uint8": mx.uint8,
+    "torch.bool": mx.bool_,
+}
+
+
+def _torch_to_mlx(tensor) -> mx.array:
+    import torch
+
+    tensor = tensor.contiguous()
+    if tensor.dtype == torch.bfloat16:  # numpy has no bfloat16: move the raw bits
+        return mx.array(tensor.view(torch.int16).numpy()).view(mx.bfloat16)
+    return mx.array(tensor.numpy())
+
+
+def quantize_like_checkpoint(model: nn.Module, config: dict, weights: Dict[str, mx.array]) -> None:
+    """Give the model the quantized layers an MLX checkpoint was saved with (mlx-lm's ``quantization``)."""
+    quantization = config.get("quantization")
+    if not quantization:
+        return
+    overrides = {k: v for k, v in quantization.items() if isinstance(v, (dict, bool))}
+
+    def predicate(path: str, module: nn.Module):
+        if path in overrides:
+            return overrides[path]
+        return hasattr(module, "to_quantized") and f"{path}.scales" in weights
+
+    nn.quantize(
+        model,
+        group_size=quantization["group_size"],
+        bits=quantization["bits"],
+        mode=quantization.get("mode", "affine"),
+        class_predicate=predicate,
+    )
+
+
+def check_weights(model: nn.Module, weights: Dict[str, mx.array], source: Path, shown: int = 8) -> None:
+    """Every weight present, nothing unknown, every shape right; otherwise an error naming the keys."""
+    expected = dict(tree_flatten(model.parameters()))
+    missing = sorted(expected.keys() - weights.keys())
+    unexpected = sorted(weights.keys() - expected.keys())
+    wrong = sorted(
+        f"{k} (checkpoint {tuple(weights[k].shape)}, model {tuple(expected[k].shape)})"
+        for k in expected.keys() & weights.keys()
+        if weights[k].shape != expected[k].shape
+    )
+    problems = [
+        (f"{len(keys)} {label}", keys)
+        for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrongly shaped", wrong))
+        if keys
+    ]
+    if problems:
+        lines = [f"The weights in {source} do not match the {model.model_type} model:"]
+        for label, keys in problems:
+            more = f", ... ({len(keys) - shown} more)" if len(keys) > shown else ""
+            lines.append(f"  {label}: {', '.join(keys[:shown])}{more}")
+        raise CheckpointError("\n".join(lines))

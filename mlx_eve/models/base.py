@@ -1,0 +1,135 @@
+"""Pieces both EVE families share: the image placeholder id, image/text embedding merge, weight clean-up."""
+
+from typing import Dict, List, Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx.utils import tree_flatten
+
+# The reference marks an image position with -200 (EVEv*/eve/constants.py). Our processor repeats it once
+# per image embedding, so token count == embedding count and the decoder can tell image rows from text rows.
+IMAGE_TOKEN_ID = -200
+
+# Weights the reference only builds for training (CLIP teacher, patch aligning layer) or recomputes (RoPE).
+TRAINING_ONLY_PREFIXES = ("model.vision_clip.", "model.vision_tower_compressor.")
+
+
+def image_spans(input_ids: mx.array) -> List[tuple]:
+    """(start, end) of every run of image placeholders in a 1-D token sequence."""
+    is_image = np.asarray(input_ids) == IMAGE_TOKEN_ID
+    edges = np.flatnonzero(np.diff(np.concatenate([[0], is_image.astype(np.int8), [0]])))
+    return list(zip(edges[0::2].tolist(), edges[1::2].tolist()))
+
+
+def embed_with_images(
+    embed_tokens: nn.Embedding, input_ids: mx.array, image_features: List[mx.array]
+) -> mx.array:
+    """Embed a 1-D prompt, putting each image's features where its placeholder run is.
+
+    Returns ``(L, D)``. Each run must be exactly as long as its image's feature sequence.
+    """
+    spans = image_spans(input_ids)
+    # A quantized embedding stores packed uint32 weights; its float dtype is that of its scales.
+    dtype = getattr(embed_tokens, "scales", embed_tokens.weight).dtype
+    if len(spans) != len(image_features):
+        raise ValueError(
+            f"The prompt has {len(spans)} image placeholder runs but {len(image_features)} images were given."
+        )
+    pieces, position = [], 0
+    for (start, end), features in zip(spans, image_features):
+        if end - start != features.shape[0]:
+            raise ValueError(
+                f"An image placeholder run has {end - start} tokens but the image has "
+                f"{features.shape[0]} embeddings."
+            )
+        if start > position:
+            pieces.append(embed_tokens(input_ids[position:start]))
+        pieces.append(features.astype(dtype))
+        position = end
+    if position < input_ids.shape[0]:
+        pieces.append(embed_tokens(input_ids[position:]))
+    return mx.concatenate(pieces, axis=0)
+
+
+def sanitize_weights(model: nn.Module, weights: Dict[str, mx.array]) -> Dict[str, mx.array]:
+    """Drop training-only and recomputed weights (and a tied head); PyTorch conv kernels to MLX layout.
+
+    Idempotent: an already sanitized (MLX) checkpoint passes through unchanged.
+    """
+    weights = {
+        k: v
+        for k, v in weights.items()
+        if not k.startswith(TRAINING_ONLY_PREFIXES) and not k.endswith("rotary_emb.inv_freq")
+    }
+    if model.args.tie_word_embeddings:
+        weights.pop("lm_head.weight", None)
+    expected = dict(tree_flatten(model.parameters()))
+    for key, weight in weights.items():
+        if weight.ndim == 4 and key in expected:
+            weights[key] = _to_mlx_conv_layout(weight, expected[key].shape)
+    return weights
+
+
+def _to_mlx_conv_layout(weight: mx.array, expected_shape: tuple) -> mx.array:
+    """PyTorch stores conv kernels as [out, in, kh, kw], MLX as [out, kh, kw, in]."""
+    if tuple(weight.shape) != tuple(expected_shape):
+        transposed = weight.transpose(0, 2, 3, 1)
+        if tuple(transposed.shape) == tuple(expected_shape):
+            return transposed
+    return weight
+
+
+def image_sequence(cls_token: mx.array, grid: mx.array, split_embedding: mx.array) -> mx.array:
+    """``[cls; row_1, split; row_2, split; ...]`` from a class token ``(C,)`` and a feature grid ``(h, w, C)``.
+
+    Both EVE versions lay out an image this way, giving ``1 + h*(w+1)`` embeddings.
+    """
+    h, w, C = grid.shape
+    split = mx.broadcast_to(split_embedding.astype(grid.dtype), (h, 1, C))
+    rows = mx.concatenate([grid, split], axis=1).reshape(h * (w + 1), C)
+    return mx.concatenate([cls_token.astype(grid.dtype).reshape(1, C), rows], axis=0)
+
+
+class EVEModel(nn.Module):
+    """What both families share around their decoder ``self.model``: LM head, vocabulary limit, inputs.
+
+    Subclasses build the decoder (with ``vision_tower`` under it, as the checkpoint keys have it) and
+    implement ``encode_image(pixels) -> (tokens, hidden_size)``.
+    """
+
+    def __init__(self, args, language_model: nn.Module):
+        super().__init__()
+        self.args = args
+        self.model_type = args.model_type
+        self.model = language_model
+        if not args.tie_word_embeddings:
+            self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        # Set by `load` to the tokenizer's length: the reference resizes the vocabulary to it, so rows
+        # beyond it must never be sampled.
+        self.vocab_limit: Optional[int] = None
+
+    def __call__(self, inputs: mx.array, cache=None, input_embeddings: Optional[mx.array] = None) -> mx.array:
+        out = self.model(inputs, cache, input_embeddings)
+        if self.args.tie_word_embeddings:
+            logits = self.model.embed_tokens.as_linear(out)
+        else:
+            logits = self.lm_head(out)
+        if self.vocab_limit is not None and self.vocab_limit < logits.shape[-1]:
+            logits = logits[..., : self.vocab_limit]
+        return logits
+
+    def encode_image(self, pixels: mx.array) -> mx.array:
+        raise NotImplementedError
+
+    def embed_inputs(self, input_ids: mx.array, pixel_values: List[mx.array]) -> mx.array:
+        """Embeddings ``(L, D)`` for a 1-D prompt whose image placeholders are expanded."""
+        features = [self.encode_image(p) for p in pixel_values]
+        return embed_with_images(self.model.embed_tokens, input_ids, features)
+
+    def sanitize(self, weights: Dict[str, mx.array]) -> Dict[str, mx.array]:
+        return sanitize_weights(self, weights)
+
+    @property
+    def layers(self):
+        return self.model.layers

@@ -1,0 +1,164 @@
+"""The processor: question(s) + images → templated prompt, token ids with expanded image placeholders, pixels."""
+
+import json
+import shutil
+import warnings
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Union
+
+import mlx.core as mx
+from PIL import Image
+from mlx_lm.tokenizer_utils import TokenizerWrapper
+from mlx_lm.tokenizer_utils import load as load_tokenizer
+
+from .errors import PromptTooLongError
+from .image import ImageInput, load_image
+from .image_processing import ImageProcessor
+from .prompts import TEMPLATE_FOR_MODEL, TEMPLATES, Template, place_images, to_messages
+from .tokenization import Encoder, SentencePieceEncoder, tokenize_with_images
+
+Prompt = Union[str, Sequence[Dict[str, str]]]
+# What a model folder holds besides weights and config.json, copied along when a model is saved.
+PROCESSOR_FILES = [
+    "tokenizer.model",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "generation_config.json",
+]
+
+
+@dataclass
+class ModelInputs:
+    input_ids: mx.array  # (L,) int32; each image is a run of IMAGE_TOKEN_ID, one per image embedding
+    images: List[Image.Image]
+    image_processor: ImageProcessor
+    image_tokens: int
+    prompt: str  # the templated text, with <image> placeholders
+
+    @cached_property
+    def pixel_values(self) -> List[mx.array]:
+        """One normalised (H, W, 3) float32 array per image, computed when first needed."""
+        return [mx.array(self.image_processor(image)) for image in self.images]
+
+
+class Processor:
+    def __init__(
+        self,
+        tokenizer: TokenizerWrapper,
+        image_processor: ImageProcessor,
+        template: Template,
+        encode: Encoder,
+        context_length: int,
+        source_path: Optional[Path] = None,
+    ):
+        self.source_path = source_path
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        self.template = template
+        self.encode = encode
+        self.context_length = context_length
+
+    @classmethod
+    def from_pretrained(cls, model_path: Path, config: dict, image_processor: ImageProcessor) -> "Processor":
+        template = TEMPLATES[TEMPLATE_FOR_MODEL[config["model_type"]]]
+        tokenizer = _quietly(load_tokenizer, model_path)
+        hf = tokenizer._tokenizer
+        stop_ids = {hf.convert_tokens_to_ids(t) for t in template.stop_tokens if t in hf.get_vocab()}
+        generation_config = model_path / "generation_config.json"
+        if generation_config.exists():
+            eos = json.loads(generation_config.read_text()).get("eos_token_id")
+            stop_ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        tokenizer.eos_token_ids = stop_ids | set(tokenizer.eos_token_ids)
+        return cls(
+            tokenizer,
+            image_processor,
+            template,
+            _make_encoder(model_path, hf),
+            config.get("max_position_embeddings") or 4096,
+            model_path,
+        )
+
+    def save_pretrained(self, folder: Path) -> None:
+        copy_processor_files(self.source_path, folder, self.image_processor)
+
+    def format(
+        self, prompt: Prompt, num_images: int = 0, system_prompt: Optional[str] = None, answer: bool = True
+    ) -> str:
+        """The templated prompt text, ``<image>`` placeholders included. With ``answer`` (generation) the
+        conversation must end with the user; without it (training) it ends with the assistant."""
+        messages, system = to_messages(prompt)
+        if answer and messages and messages[-1].get("role") != "user":
+            raise ValueError("The conversation must end with a user message for the model to answer.")
+        return self.template.format(place_images(messages, num_images), system_prompt or system)
+
+    def __call__(
+        self,
+        prompt: Prompt,
+        images: Union[None, ImageInput, Sequence[ImageInput]] = None,
+        system_prompt: Optional[str] = None,
+        max_size: Optional[int] = None,
+    ) -> ModelInputs:
+        """``prompt``: the user's question, or a list of ``{"role", "content"}`` messages (multi-turn).
+        ``max_size``: EVEv2 image resolution for this prompt. Pixels are only computed if asked for."""
+        if images is None:
+            images = []
+        elif not isinstance(images, (list, tuple)):
+            images = [images]
+        images = [load_image(image) for image in images]
+        image_processor = self.image_processor.with_max_size(max_size)
+        text = self.format(prompt, len(images), system_prompt)
+        counts = [image_processor.num_tokens(*image.size) for image in images]
+        ids = tokenize_with_images(text, self.encode, self.tokenizer.bos_token_id, counts)
+        if len(ids) >= self.context_length:
+            raise PromptTooLongError(
+                f"The prompt is {len(ids)} tokens ({sum(counts)} of them for {len(images)} image(s)), but the "
+                f"model's context is {self.context_length} tokens. Shorten the text, use fewer images"
+                + (" or a smaller --max-size." if hasattr(image_processor, "max_size") else ".")
+            )
+        return ModelInputs(mx.array(ids, dtype=mx.int32), images, image_processor, sum(counts), text)
+
+
+def copy_processor_files(source: Path, folder: Path, image_processor: ImageProcessor) -> None:
+    """Tokenizer and generation files from ``source``; the image processor's settings as resolved."""
+    for name in PROCESSOR_FILES:
+        if (source / name).exists():
+            shutil.copy(source / name, folder / name)
+    (folder / "preprocessor_config.json").write_text(json.dumps(image_processor.to_dict(), indent=2))
+
+
+def _quietly(fn, *args):
+    """transformers warns that an ``eve`` config is not one of its model types; it only needs the tokenizer."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            return fn(*args)
+    finally:
+        hf_logging.set_verbosity(level)
+
+
+def _make_encoder(model_path: Path, hf_tokenizer) -> Encoder:
+    """EVEv1 (a SentencePiece ``tokenizer.model``) is encoded like the reference's slow tokenizer."""
+    sp_model = model_path / "tokenizer.model"
+    if not sp_model.exists():
+        return lambda text: hf_tokenizer.encode(text)
+    config_file = model_path / "tokenizer_config.json"
+    config = json.loads(config_file.read_text()) if config_file.exists() else {}
+    special = {t: hf_tokenizer.convert_tokens_to_ids(t) for t in hf_tokenizer.all_special_tokens}
+    special.update(hf_tokenizer.get_added_vocab())
+    return SentencePieceEncoder(
+        sp_model,
+        special,
+        bos_id=hf_tokenizer.bos_token_id,
+        add_bos=config.get("add_bos_token", True),
+        legacy=config.get("legacy", True) is not False,
+    )
