@@ -1,0 +1,157 @@
+"""Writing an MLX model folder (mlx-lm's layout): safetensors shards of at most 5 GB with their index,
+``config.json``, the tokenizer and image-processor files, ``generation_config.json`` and a model card.
+
+Everything is written into a hidden ``.<name>.incomplete-<pid>`` folder first and renamed into place only
+when complete, so an interrupted or failed save never leaves a folder that looks finished.
+"""
+
+import json
+import os
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Dict, Iterator, List, Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+from .errors import EVEError
+from .shard_writer import ShardWriter, TensorSpec, plan_shards, shard_names
+
+MAX_SHARD_BYTES = 5 * 2**30
+
+
+class OutputExistsError(EVEError, FileExistsError):
+    pass
+
+
+def check_output(out: Path, force: bool) -> None:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
+        raise OutputExistsError(f"{out} already exists and is not empty; pass --force to replace it.")
+
+
+@contextmanager
+def staged_folder(out: Path, force: bool = False) -> Iterator[Path]:
+    """A hidden work folder that replaces ``out`` when the block completes, and is removed if it fails."""
+    out = Path(out).expanduser()
+    check_output(out, force)
+    work = out.parent / f".{out.name}.incomplete-{os.getpid()}"
+    work.mkdir(parents=True)
+    try:
+        yield work
+        if out.exists():
+            replaced = out.parent / f".{out.name}.replaced-{os.getpid()}"
+            out.rename(replaced)
+            work.rename(out)
+            shutil.rmtree(replaced) if replaced.is_dir() else replaced.unlink()
+        else:
+            work.rename(out)
+    finally:
+        if work.exists():
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def write_weights(
+    folder: Path,
+    specs: List[TensorSpec],
+    produce: Callable[[TensorSpec], mx.array],
+    max_bytes: int = MAX_SHARD_BYTES,
+    progress: bool = True,
+) -> int:
+    """Write the tensors ``produce`` returns, in ``specs`` order, as shards plus index. Returns the bytes."""
+    from tqdm import tqdm
+
+    shards = plan_shards(specs, max_bytes)
+    total = sum(s.nbytes for s in specs)
+    index = {"metadata": {"total_size": total}, "weight_map": {}}
+    with tqdm(total=total, unit="B", unit_scale=True, desc="Writing", disable=not progress) as bar:
+        for name, shard in zip(shard_names(len(shards)), shards):
+            writer = ShardWriter(folder / name, shard, {"format": "mlx"})
+            for spec in shard:
+                writer.write(spec.name, produce(spec))
+                index["weight_map"][spec.name] = name
+                bar.update(spec.nbytes)
+                mx.clear_cache()
+            writer.close()
+    index["weight_map"] = dict(sorted(index["weight_map"].items()))
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    return total
+
+
+def write_config(folder: Path, config: dict, quantization: Optional[dict] = None, dtype: Optional[str] = None) -> None:
+    """``config.json`` with mlx-lm's ``quantization`` (mirrored in ``quantization_config``) when quantized."""
+    config = {k: v for k, v in config.items() if k not in ("quantization", "quantization_config", "_name_or_path")}
+    if dtype is not None:
+        config["torch_dtype"] = dtype
+    if quantization:
+        config["quantization"] = config["quantization_config"] = quantization
+    (folder / "config.json").write_text(json.dumps(dict(sorted(config.items())), indent=2))
+
+
+def write_model_card(folder: Path, base_model: str, command: str, precision: str) -> None:
+    (folder / "README.md").write_text(
+        f"""---
+library_name: mlx
+base_model: {base_model}
+pipeline_tag: image-text-to-text
+tags:
+- mlx
+- eve
+- vision-language
+---
+
+# {Path(str(base_model)).name} ({precision}, MLX)
+
+An EVE vision-language model from [{base_model}](https://huggingface.co/{base_model}) for
+[MLX](https://github.com/ml-explore/mlx), made with mlx-eve by:
+
+```bash
+{command}
+```
+
+## Use with mlx-eve
+
+```bash
+python generate.py --model <this folder or repo> --image photo.jpg -p "What is in the image?"
+```
+"""
+    )
+
+
+def quantization_config(model: nn.Module) -> Optional[dict]:
+    """mlx-lm's record of a model's quantized layers: defaults, plus the layers that differ from them."""
+    layers = {p: m for p, m in model.named_modules() if hasattr(m, "bits") and hasattr(m, "group_size")}
+    if not layers:
+        return None
+    params = {p: {"group_size": m.group_size, "bits": m.bits, "mode": getattr(m, "mode", "affine")} for p, m in layers.items()}
+    default = next(iter(params.values()))
+    return {**default, **{p: q for p, q in params.items() if q != default}}
+
+
+def precision_name(config: dict) -> str:
+    quantization = config.get("quantization")
+    return f"{quantization['bits']}-bit" if quantization else config.get("torch_dtype", "float")
+
+
+def save_model(
+    model: nn.Module,
+    processor,
+    config: dict,
+    out: Path,
+    base_model: str,
+    command: str,
+    force: bool = False,
+) -> Path:
+    """Write ``model`` (as it is in memory) and ``processor``'s files as a loadable model folder."""
+    weights: Dict[str, mx.array] = dict(tree_flatten(model.parameters()))
+    specs = [TensorSpec(k, tuple(v.shape), v.dtype) for k, v in weights.items()]
+    floats = {v.dtype for v in weights.values() if mx.issubdtype(v.dtype, mx.floating)}
+    dtype = str(floats.pop()).split(".")[-1] if len(floats) == 1 else None
+    with staged_folder(out, force) as folder:
+        write_weights(folder, specs, lambda spec: weights[spec.name])
+        processor.save_pretrained(folder)
+        quantization = quantization_config(model)
+        write_config(folder, config, quantization, dtype)
+        write_model_card(folder, base_model, command, precision_name({**config, "quantization": quantization, "torch_dtype": dtype}))
+    return Path(out)
