@@ -1,0 +1,185 @@
+"""Fine-tuning data: LLaVA-style or mlx-vlm-style conversations with images, checked before training.
+
+Accepted layouts: a folder with ``train.jsonl`` / ``valid.jsonl`` / ``test.jsonl``, or a single ``.json``
+(a list of records, as LLaVA ships its data) or ``.jsonl`` file used for training. Records:
+
+- LLaVA: ``{"image": "a.jpg", "conversations": [{"from": "human", "value": "<image>\\nQ"}, {"from": "gpt", "value": "A"}]}``
+- mlx-vlm: ``{"images": ["a.jpg"], "messages": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}]}``
+
+Image paths are relative to the data file (or ``image_folder``). Every problem in every file is collected
+and reported with its file and line before any training starts.
+"""
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+
+from .errors import EVEError, ImageError
+from .image import load_image
+from .processor import Processor
+from .prompts import IMAGE_PLACEHOLDER, place_images
+from .tokenization import tokenize_with_images
+
+ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+SPLITS = ("train", "valid", "test")
+
+
+class DataError(EVEError, ValueError):
+    pass
+
+
+@dataclass
+class Sample:
+    """One conversation, tokenized: ``targets[i]`` says whether token ``i`` is supervised (an answer)."""
+
+    where: str  # "file:line", for messages
+    images: List[Path]
+    input_ids: np.ndarray  # int32, image placeholders expanded
+    targets: np.ndarray  # bool, same length
+
+    @property
+    def num_targets(self) -> int:
+        return int(self.targets.sum())
+
+
+def load_splits(
+    data: Path, processor: Processor, max_seq_length: int, image_folder: Optional[Path] = None
+) -> Dict[str, List[Sample]]:
+    """``{"train": [...], "valid": [...], "test": [...]}`` (splits that exist), or a DataError listing
+    every problem found."""
+    data = Path(data)
+    if data.is_dir():
+        files = {split: data / f"{split}.jsonl" for split in SPLITS if (data / f"{split}.jsonl").exists()}
+        if not files:
+            raise DataError(f"{data} holds none of {', '.join(s + '.jsonl' for s in SPLITS)}.")
+    elif data.is_file():
+        files = {"train": data}
+    else:
+        raise DataError(f"Data not found: {data}")
+    splits, problems = {}, []
+    for split, file in files.items():
+        splits[split] = _load_file(file, processor, max_seq_length, image_folder or file.parent, problems)
+    if problems:
+        shown = "\n".join(f"  {p}" for p in problems[:50])
+        more = f"\n  ... and {len(problems) - 50} more" if len(problems) > 50 else ""
+        raise DataError(f"{len(problems)} problem(s) in the data; nothing was trained:\n{shown}{more}")
+    return splits
+
+
+def _records(file: Path, problems: List[str]):
+    """(where, record) pairs: one per non-empty line of a .jsonl, one per element of a .json list."""
+    text = file.read_text()
+    if file.suffix == ".json":
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError as e:
+            problems.append(f"{file}:{e.lineno}: invalid JSON ({e.msg})")
+            return
+        if not isinstance(records, list):
+            problems.append(f"{file}: expected a JSON list of records")
+            return
+        yield from ((f"{file}: record {i}", r) for i, r in enumerate(records, 1))
+        return
+    for number, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                yield f"{file}:{number}", json.loads(line)
+            except json.JSONDecodeError as e:
+                problems.append(f"{file}:{number}: invalid JSON ({e.msg})")
+
+
+def _load_file(file: Path, processor: Processor, max_seq_length: int, image_folder: Path, problems: List[str]) -> List[Sample]:
+    samples = []
+    for where, record in _records(file, problems):
+        try:
+            samples.append(encode_record(record, where, processor, max_seq_length, image_folder))
+        except (DataError, ImageError, ValueError) as e:
+            problems.append(f"{where}: {e}")
+    return samples
+
+
+def parse_record(record, image_folder: Path) -> Tuple[List[Dict[str, str]], Optional[str], List[Path]]:
+    """(messages, system prompt, image paths) from a LLaVA or mlx-vlm record."""
+    if not isinstance(record, dict):
+        raise DataError("a record must be a JSON object")
+    if "conversations" in record:
+        turns = [(t.get("from"), t.get("value")) for t in record["conversations"] if isinstance(t, dict)]
+    elif "messages" in record:
+        turns = [(m.get("role"), _text(m.get("content"))) for m in record["messages"] if isinstance(m, dict)]
+    else:
+        raise DataError('no "conversations" (LLaVA) or "messages" (mlx-vlm) list')
+    images = record.get("images", record.get("image")) or []
+    images = [images] if isinstance(images, str) else images
+    if not all(isinstance(i, str) for i in images):
+        raise DataError("image paths must be strings")
+    system, messages = None, []
+    for role, content in turns:
+        if ROLES.get(role) is None or not isinstance(content, str):
+            raise DataError(f"a turn has role {role!r} and content {type(content).__name__}; expected text turns of {sorted(ROLES)}")
+        if ROLES[role] == "system":
+            system = content
+        else:
+            messages.append({"role": ROLES[role], "content": content})
+    if not any(m["role"] == "assistant" for m in messages):
+        raise DataError("no assistant turn: nothing to learn from")
+    if messages[-1]["role"] != "assistant":
+        raise DataError("the conversation ends with an unanswered user turn")
+    return messages, system, [image_folder / i for i in images]
+
+
+def _text(content) -> Optional[str]:
+    """mlx-vlm content: a string, or parts like [{"type": "image"}, {"type": "text", "text": "Q"}]."""
+    if isinstance(content, list):
+        parts = [IMAGE_PLACEHOLDER + "\n" if p.get("type") == "image" else p.get("text", "") for p in content if isinstance(p, dict)]
+        return "".join(parts)
+    return content
+
+
+def encode_record(record, where: str, processor: Processor, max_seq_length: int, image_folder: Path) -> Sample:
+    messages, system, paths = parse_record(record, image_folder)
+    for path in paths:
+        if not path.is_file():
+            raise DataError(f"image not found: {path}")
+    sizes = [load_image(path).size for path in paths]
+    counts = [processor.image_processor.num_tokens(*size) for size in sizes]
+    messages = place_images(messages, len(paths))
+    input_ids, targets = tokenize_conversation(processor, messages, system, counts)
+    if len(input_ids) > max_seq_length:
+        raise DataError(
+            f"{len(input_ids)} tokens ({sum(counts)} of them image tokens) exceed --max-seq-length {max_seq_length}"
+        )
+    return Sample(where, paths, input_ids, targets)
+
+
+def tokenize_conversation(
+    processor: Processor, messages: List[Dict[str, str]], system: Optional[str], image_counts: List[int]
+) -> Tuple[np.ndarray, np.ndarray]:
+    """Token ids of the whole conversation, and which of them are supervised: each answer and the token(s)
+    that end it, exactly the tokens the model must produce after ``ASSISTANT:`` at inference."""
+
+    def tokens(turns: List[Dict[str, str]]) -> List[int]:
+        # Ending with the user, the template opens the answer; ending with the assistant, it closes it.
+        text = processor.template.format(turns, system)
+        used = image_counts[: text.count(IMAGE_PLACEHOLDER)]
+        return tokenize_with_images(text, processor.encode, processor.tokenizer.bos_token_id, used)
+
+    full = tokens(messages)
+    targets = np.zeros(len(full), dtype=bool)
+    for i, message in enumerate(messages):
+        if message["role"] == "assistant":
+            start = _common_prefix(tokens(messages[:i]), full)
+            end = _common_prefix(tokens(messages[: i + 1]), full)
+            targets[start:end] = True
+    return np.array(full, dtype=np.int32), targets
+
+
+def _common_prefix(a: List[int], b: List[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n

@@ -1,0 +1,293 @@
+"""The fine-tuning loop: image+text batches, answer-only loss, checkpoints that resume exactly, data parallel.
+
+Batches and random numbers (dropout) are deterministic functions of (seed, step), and a checkpoint holds
+the trainable weights and the optimizer state, so a run resumed from step N continues exactly as the
+uninterrupted run would have. With ``mx.distributed`` (launched by ``mlx.launch``) every process takes its share of each
+global batch and the gradients are summed, giving the same updates as one process with the whole batch.
+"""
+
+import json
+import math
+import shutil
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, List, Optional, Tuple
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+import numpy as np
+from mlx.utils import tree_flatten, tree_map, tree_unflatten
+
+from .data import Sample
+from .errors import EVEError
+from .image import load_image
+from .models.base import EVEModel
+
+CHECKPOINT = "checkpoint"
+ADAPTERS = "adapters.safetensors"
+
+
+class TrainingError(EVEError, RuntimeError):
+    pass
+
+
+@dataclass
+class TrainingArgs:
+    batch_size: int = 4
+    iters: int = 1000
+    learning_rate: float = 1e-5
+    lr_schedule: str = "constant"  # constant | cosine | linear (decay to 10% of the peak)
+    warmup: int = 0
+    optimizer: str = "adam"  # adam | adamw
+    weight_decay: float = 0.0
+    max_grad_norm: Optional[float] = None
+    grad_accumulation_steps: int = 1
+    val_batches: int = 25
+    steps_per_report: int = 10
+    steps_per_eval: int = 200
+    save_every: int = 100
+    seed: int = 0
+
+
+@dataclass
+class Batch:
+    input_ids: mx.array  # (B, L) int32, right-padded with 0
+    targets: mx.array  # (B, L - 1) bool: which next tokens are supervised
+    pixel_values: List[List[mx.array]]  # per sample, its images
+    lengths: List[int]
+
+
+def make_batch(samples: List[Sample], image_processor) -> Batch:
+    length = max(len(s.input_ids) for s in samples)
+    ids = np.zeros((len(samples), length), np.int32)
+    targets = np.zeros((len(samples), length), bool)
+    for row, sample in enumerate(samples):
+        ids[row, : len(sample.input_ids)] = sample.input_ids
+        targets[row, : len(sample.targets)] = sample.targets
+    pixels = [[mx.array(image_processor(load_image(p))) for p in s.images] for s in samples]
+    return Batch(mx.array(ids), mx.array(targets[:, 1:]), pixels, [len(s.input_ids) for s in samples])
+
+
+def batch_embeddings(model: EVEModel, batch: Batch) -> mx.array:
+    """(B, L, D): each sample's text and image embeddings, zero-padded on the right."""
+    rows = []
+    for ids, pixels, n in zip(batch.input_ids, batch.pixel_values, batch.lengths):
+        embeddings = model.embed_inputs(ids[:n], pixels)
+        pad = batch.input_ids.shape[1] - n
+        rows.append(mx.pad(embeddings, [(0, pad), (0, 0)]) if pad else embeddings)
+    return mx.stack(rows)
+
+
+def loss_sum(model: EVEModel, batch: Batch) -> Tuple[mx.array, mx.array]:
+    """Summed cross-entropy over the supervised tokens, and their count. Padding is never supervised and,
+    being on the right of a causal model, never seen by a real token."""
+    embeddings = batch_embeddings(model, batch)
+    logits = model(batch.input_ids[:, :-1], input_embeddings=embeddings[:, :-1])
+    ce = nn.losses.cross_entropy(logits.astype(mx.float32), batch.input_ids[:, 1:]) * batch.targets
+    return ce.sum(), batch.targets.sum()
+
+
+class BatchOrder:
+    """Which samples make up global batch ``step``: sorted by length into batches (little padding), the
+    batch order shuffled each epoch from the seed. Depends only on (seed, step)."""
+
+    def __init__(self, samples: List[Sample], batch_size: int, seed: int):
+        if len(samples) < batch_size:
+            raise TrainingError(f"The data has {len(samples)} samples, fewer than --batch-size {batch_size}.")
+        by_length = sorted(range(len(samples)), key=lambda i: (len(samples[i].input_ids), i))
+        self.batches = [by_length[i : i + batch_size] for i in range(0, len(by_length) - batch_size + 1, batch_size)]
+        self.seed = seed
+
+    def __call__(self, step: int) -> List[int]:
+        epoch, index = divmod(step, len(self.batches))
+        order = np.random.default_rng(self.seed + epoch).permutation(len(self.batches))
+        return self.batches[order[index]]
+
+
+def shard(indices: List[int], group) -> List[int]:
+    """This process's part of a global batch."""
+    if len(indices) % group.size():
+        raise TrainingError(f"--batch-size {len(indices)} must be divisible by the {group.size()} processes.")
+    return indices[group.rank() :: group.size()]
+
+
+def learning_rate_schedule(args: TrainingArgs):
+    peak = args.learning_rate
+    decay_steps = max(args.iters - args.warmup, 1)
+    if args.lr_schedule == "cosine":
+        main = optim.cosine_decay(peak, decay_steps, end=peak * 0.1)
+    elif args.lr_schedule == "linear":
+        main = optim.linear_schedule(peak, peak * 0.1, decay_steps)
+    elif args.lr_schedule == "constant":
+        main = lambda step: mx.array(peak)  # noqa: E731
+    else:
+        raise TrainingError(f"Unknown --lr-schedule {args.lr_schedule!r}: use constant, cosine or linear.")
+    if args.warmup <= 0:
+        return main
+    return optim.join_schedules([optim.linear_schedule(peak * 0.01, peak, args.warmup), main], [args.warmup])
+
+
+def make_optimizer(args: TrainingArgs) -> optim.Optimizer:
+    lr = learning_rate_schedule(args)
+    if args.optimizer == "adam":
+        return optim.Adam(learning_rate=lr)
+    if args.optimizer == "adamw":
+        return optim.AdamW(learning_rate=lr, weight_decay=args.weight_decay)
+    raise TrainingError(f"Unknown --optimizer {args.optimizer!r}: use adam or adamw.")
+
+
+def evaluate(model: EVEModel, samples: List[Sample], image_processor, batch_size: int, num_batches: int) -> float:
+    """Mean loss per supervised token over ``num_batches`` batches (-1: all), summed over all processes.
+    Leaves the model in eval mode: no dropout, and no random numbers drawn."""
+    model.eval()
+    group = mx.distributed.init()
+    order = BatchOrder(samples, batch_size, seed=0)
+    count = len(order.batches) if num_batches < 0 else min(num_batches, len(order.batches))
+    total, tokens = mx.array(0.0), mx.array(0)
+    for i in range(count):
+        batch = make_batch([samples[j] for j in shard(order(i), group)], image_processor)
+        loss, n = loss_sum(model, batch)
+        total, tokens = total + loss, tokens + n
+        mx.eval(total, tokens)
+    total = mx.distributed.all_sum(total, stream=mx.cpu)
+    tokens = mx.distributed.all_sum(tokens, stream=mx.cpu)
+    return (total / mx.maximum(tokens, 1)).item()
+
+
+def save_checkpoint(adapter_path: Path, model: EVEModel, optimizer: optim.Optimizer, step: int) -> None:
+    """Trainable weights and optimizer state as one folder, swapped in atomically, and the weights alone
+    as ``adapters.safetensors`` for inference."""
+    weights = dict(tree_flatten(model.trainable_parameters()))
+    staging = adapter_path / f"{CHECKPOINT}.incomplete"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    mx.save_safetensors(str(staging / ADAPTERS), weights)
+    mx.save_safetensors(str(staging / "optimizer.safetensors"), dict(tree_flatten(optimizer.state)))
+    (staging / "state.json").write_text(json.dumps({"step": step}))
+    final, old = adapter_path / CHECKPOINT, adapter_path / f"{CHECKPOINT}.old"
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        final.rename(old)
+    staging.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+    shutil.copy(final / ADAPTERS, adapter_path / f"{ADAPTERS}.tmp")
+    (adapter_path / f"{ADAPTERS}.tmp").replace(adapter_path / ADAPTERS)
+
+
+def load_checkpoint(adapter_path: Path, model: EVEModel, optimizer: optim.Optimizer) -> int:
+    """Restore a checkpoint written by ``save_checkpoint``; returns the step it was taken at."""
+    folder = adapter_path / CHECKPOINT
+    if not (folder / "state.json").exists():
+        raise TrainingError(f"No checkpoint to resume from in {adapter_path}.")
+    model.load_weights(str(folder / ADAPTERS), strict=False)
+    optimizer.init(model.trainable_parameters())
+    optimizer.state = tree_unflatten(list(mx.load(str(folder / "optimizer.safetensors")).items()))
+    return json.loads((folder / "state.json").read_text())["step"]
+
+
+class StopRequest:
+    """The first Ctrl-C asks the loop to save and stop after the current step; a second one interrupts."""
+
+    def __init__(self):
+        self.requested = False
+
+    def __enter__(self):
+        self.previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nStopping: saving a checkpoint after this step (Ctrl-C again to abort).", flush=True)
+
+    def __exit__(self, *exc):
+        signal.signal(signal.SIGINT, self.previous)
+
+
+def train(
+    model: EVEModel,
+    image_processor,
+    train_set: List[Sample],
+    valid_set: Optional[List[Sample]],
+    args: TrainingArgs,
+    adapter_path: Path,
+    resume: bool = False,
+    report: Callable[[str], None] = print,
+) -> int:
+    """Train ``model``'s trainable parameters; returns the last step done. Raises TrainingError on NaN."""
+    group = mx.distributed.init()
+    is_main = group.rank() == 0
+    say = report if is_main else (lambda message: None)
+    adapter_path = Path(adapter_path)
+    adapter_path.mkdir(parents=True, exist_ok=True)
+    optimizer = make_optimizer(args)
+    start = load_checkpoint(adapter_path, model, optimizer) if resume else 0
+    if resume:
+        say(f"Resuming from step {start}.")
+    order = BatchOrder(train_set, args.batch_size, args.seed)
+    loss_and_grad = nn.value_and_grad(model, lambda m, b, scale: loss_sum(m, b)[0] * scale)
+
+    def clip(grads):
+        if args.max_grad_norm is None:
+            return grads
+        return optim.clip_grad_norm(grads, args.max_grad_norm)[0]
+
+    model.train()
+    window_loss, window_tokens, window_steps, window_time, trained_tokens = 0.0, 0, 0, 0.0, 0
+    accumulated, saved = None, start
+    with StopRequest() as stop:
+        step = start
+        for step in range(start + 1, args.iters + 1):
+            if valid_set and (step == 1 or step % args.steps_per_eval == 0 or step == args.iters):
+                tic = time.perf_counter()
+                val_loss = evaluate(model, valid_set, image_processor, args.batch_size, args.val_batches)
+                model.train()
+                say(f"Iter {step}: Val loss {val_loss:.3f}, Val took {time.perf_counter() - tic:.3f}s")
+            tic = time.perf_counter()
+            mx.random.seed(args.seed * 1_000_003 + step)  # MLX's random state can't be restored: derive it
+            batch = make_batch([train_set[i] for i in shard(order(step - 1), group)], image_processor)
+            tokens = mx.distributed.all_sum(batch.targets.sum(), stream=mx.cpu)
+            # Each process's summed loss over the global token count: summing the gradients over
+            # processes gives exactly the gradient of the global mean.
+            loss, grads = loss_and_grad(model, batch, 1.0 / mx.maximum(tokens, 1))
+            grads = tree_map(lambda g: mx.distributed.all_sum(g, stream=mx.cpu), grads) if group.size() > 1 else grads
+            loss = mx.distributed.all_sum(loss, stream=mx.cpu)
+            accumulated = grads if accumulated is None else tree_map(mx.add, accumulated, grads)
+            if step % args.grad_accumulation_steps == 0:
+                steps = args.grad_accumulation_steps
+                optimizer.update(model, clip(tree_map(lambda g: g / steps, accumulated) if steps > 1 else accumulated))
+                accumulated = None
+            mx.eval(model.parameters(), optimizer.state, loss)
+            loss_value = loss.item()
+            if not math.isfinite(loss_value):
+                raise TrainingError(
+                    f"The loss became {loss_value} at step {step}; training stopped. The last good checkpoint "
+                    f"(step {saved}) is in {adapter_path / CHECKPOINT}. Try a lower --learning-rate or --max-grad-norm."
+                )
+            window_loss += loss_value
+            window_tokens += int(tokens.item())
+            window_steps += 1
+            window_time += time.perf_counter() - tic
+            if step % args.steps_per_report == 0 or step == args.iters:
+                trained_tokens += window_tokens
+                say(
+                    f"Iter {step}: Train loss {window_loss / window_steps:.3f}, "
+                    f"Learning Rate {optimizer.learning_rate.item():.3e}, "
+                    f"It/sec {window_steps / window_time:.3f}, Tokens/sec {window_tokens / window_time:.3f}, "
+                    f"Trained Tokens {trained_tokens}, Peak mem {mx.get_peak_memory() / 1e9:.3f} GB"
+                )
+                window_loss, window_tokens, window_steps, window_time = 0.0, 0, 0, 0.0
+            if step % args.save_every == 0 or step == args.iters or stop.requested:
+                if accumulated is None:  # only between optimizer updates
+                    if is_main:
+                        save_checkpoint(adapter_path, model, optimizer, step)
+                    saved = step
+                    say(f"Iter {step}: Saved checkpoint to {adapter_path / CHECKPOINT}.")
+            if stop.requested and saved == step:
+                say(f"Stopped at step {step}; resume with --resume.")
+                break
+    return step

@@ -1,0 +1,300 @@
+"""Fine-tuning: data checks, answer-only loss on mixed-size batches, LoRA/QLoRA/full, checkpoints, resume,
+Ctrl-C, NaN, adapters everywhere, fuse, data parallelism."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten
+from PIL import Image, ImageDraw
+
+from mlx_eve import load
+from mlx_eve.data import DataError, load_splits
+from mlx_eve.lora import adapter_config, prepare_model, resolve_args
+from mlx_eve.lora import main as lora_main
+from mlx_eve.models import IMAGE_TOKEN_ID
+from mlx_eve.trainer import TrainingArgs, TrainingError, batch_embeddings, loss_sum, make_batch, train
+
+ROOT = Path(__file__).resolve().parent.parent
+COLOURS = {"red": (220, 30, 30), "blue": (30, 60, 220), "green": (30, 170, 60)}
+
+
+def write_dataset(folder: Path, n: int = 24, seed: int = 0, style: str = "llava") -> Path:
+    """Images of one coloured circle, of varied sizes; the answer is its colour."""
+    rng = np.random.default_rng(seed)
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    records = []
+    for i in range(n):
+        w, h = (int(x) for x in rng.integers(40, 130, 2))
+        colour = list(COLOURS)[i % 3]
+        image = Image.new("RGB", (w, h), "white")
+        ImageDraw.Draw(image).ellipse((w * 0.2, h * 0.2, w * 0.8, h * 0.8), fill=COLOURS[colour])
+        image.save(folder / "images" / f"{i}.png")
+        question = "<image>\nWhat colour is the circle?"
+        if style == "llava":
+            records.append({"image": f"images/{i}.png", "conversations": [{"from": "human", "value": question}, {"from": "gpt", "value": colour}]})
+        else:
+            records.append({"images": [f"images/{i}.png"], "messages": [{"role": "user", "content": question}, {"role": "assistant", "content": colour}]})
+    cut = int(n * 0.75)
+    for split, part in (("train", records[:cut]), ("valid", records[cut:]), ("test", records[cut:])):
+        (folder / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in part))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    return write_dataset(tmp_path_factory.mktemp("colours"))
+
+
+def test_both_formats_multi_turn_and_text_only_and_answer_only_targets(v2_model, tmp_path, images):
+    _, processor = v2_model
+    Image.open(images["wide"]).save(tmp_path / "a.png")
+    llava = [
+        {"image": "a.png", "conversations": [{"from": "human", "value": "<image>\nColour?"}, {"from": "gpt", "value": "red"}, {"from": "human", "value": "Shape?"}, {"from": "gpt", "value": "a circle"}]},
+        {"conversations": [{"from": "system", "value": "Be brief."}, {"from": "human", "value": "Hi"}, {"from": "gpt", "value": "hello"}]},
+    ]
+    (tmp_path / "llava.json").write_text(json.dumps(llava))
+    vlm = {"images": ["a.png"], "messages": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Colour?"}]}, {"role": "assistant", "content": "red"}]}
+    (tmp_path / "train.jsonl").write_text(json.dumps(vlm) + "\n")
+    multi, text_only = load_splits(tmp_path / "llava.json", processor, 4096)["train"]
+    (from_vlm,) = load_splits(tmp_path, processor, 4096)["train"]
+    decode = lambda s: processor.tokenizer.decode([int(i) for i, t in zip(s.input_ids, s.targets) if t])  # noqa: E731
+    assert decode(multi) == " red<|im_end|> a circle<|im_end|>"
+    assert decode(text_only) == " hello<|im_end|>" and text_only.images == []
+    assert decode(from_vlm) == " red<|im_end|>"
+    n_image = processor.image_processor.num_tokens(320, 240)
+    assert (multi.input_ids == IMAGE_TOKEN_ID).sum() == n_image and not multi.targets[multi.input_ids == IMAGE_TOKEN_ID].any()
+    assert np.array_equal(multi.input_ids[: len(from_vlm.input_ids) - 5], from_vlm.input_ids[: len(from_vlm.input_ids) - 5])
+
+
+def test_every_data_problem_is_reported_with_its_line_before_training(v2_model, tmp_path, dataset):
+    _, processor = v2_model
+    lines = (dataset / "train.jsonl").read_text().splitlines()
+    lines[1] = "{not json"
+    lines[3] = json.dumps({"image": "images/missing.png", "conversations": [{"from": "human", "value": "<image>\nQ"}, {"from": "gpt", "value": "A"}]})
+    lines[5] = json.dumps({"conversations": [{"from": "human", "value": "Q"}]})
+    lines[7] = json.dumps({"conversations": [{"from": "human", "value": "word " * 300}, {"from": "gpt", "value": "A"}]})
+    (tmp_path / "train.jsonl").write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError) as error:
+        load_splits(tmp_path, processor, max_seq_length=256, image_folder=dataset)
+    message = str(error.value)
+    assert "4 problem(s)" in message
+    train = tmp_path / "train.jsonl"
+    assert f"{train}:2: invalid JSON" in message
+    assert f"{train}:4: image not found: {dataset / 'images' / 'missing.png'}" in message
+    assert f"{train}:6: no assistant turn" in message
+    assert f"{train}:8: " in message and "exceed --max-seq-length 256" in message
+
+
+@pytest.mark.parametrize("family", ["v1", "v2"])
+def test_mixed_size_batches_equal_their_samples_one_by_one(family, v1_model, v2_model, dataset):
+    model, processor = v1_model if family == "v1" else v2_model
+    samples = load_splits(dataset, processor, 4096)["train"][:3]
+    assert len({len(s.input_ids) for s in samples}) == 3  # different image sizes, different lengths
+    batch = make_batch(samples, processor.image_processor)
+    embeddings = batch_embeddings(model, batch)
+    total, tokens = loss_sum(model, batch)
+    singles = [loss_sum(model, make_batch([s], processor.image_processor)) for s in samples]
+    for row, sample in enumerate(samples):
+        alone = model.embed_inputs(mx.array(sample.input_ids), [mx.array(processor.image_processor(Image.open(p).convert("RGB"))) for p in sample.images])
+        n = len(sample.input_ids)
+        np.testing.assert_allclose(np.asarray(embeddings[row, :n]), np.asarray(alone), atol=1e-6)
+        assert not np.asarray(embeddings[row, n:]).any()  # padding
+    assert tokens.item() == sum(n.item() for _, n in singles) == sum(s.num_targets for s in samples)
+    np.testing.assert_allclose(total.item(), sum(l.item() for l, _ in singles), rtol=1e-4)
+
+
+def _train(model, processor, dataset, adapter_path, **kwargs):
+    splits = load_splits(dataset, processor, 4096)
+    args = TrainingArgs(**{"batch_size": 4, "iters": 10, "learning_rate": 1e-3, "steps_per_report": 5, "steps_per_eval": 100, "save_every": 5, **kwargs})
+    log = []
+    train(model, processor.image_processor, splits["train"], splits["valid"], args, adapter_path, report=log.append)
+    return log
+
+
+def _losses(log):
+    return [float(line.split("Train loss ")[1].split(",")[0]) for line in log if "Train loss" in line]
+
+
+def _lora(path, targets, fine_tune_type="lora", **extra):
+    model, processor = load(str(path))
+    args = resolve_args(["--fine-tune-type", fine_tune_type, "--targets", targets, "--lora-rank", "4", *extra.get("argv", [])])
+    prepare_model(model, adapter_config(args, model))
+    return model, processor
+
+
+def test_visual_branch_only_learns_from_image_tokens(v2_path, dataset, tmp_path):
+    """Modality routing holds in training: visual-branch LoRA gets no gradient from text-only samples."""
+    model, processor = _lora(v2_path, "visual")
+    text_only = tmp_path / "text.jsonl"
+    text_only.write_text(json.dumps({"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "hello"}]}) + "\n")
+    batch = make_batch(load_splits(text_only, processor, 4096)["train"], processor.image_processor)
+    for layer in model.layers:  # LoRA B starts at zero; make the A-side gradient visible too
+        layer.self_attn.moe_q_proj.lora_b = mx.ones_like(layer.self_attn.moe_q_proj.lora_b)
+    _, grads = nn.value_and_grad(model, lambda m, b: loss_sum(m, b)[0])(model, batch)
+    assert all(not np.asarray(g).any() for _, g in tree_flatten(grads))
+    image_batch = make_batch(load_splits(dataset, processor, 4096)["train"][:2], processor.image_processor)
+    _, grads = nn.value_and_grad(model, lambda m, b: loss_sum(m, b)[0])(model, image_batch)
+    assert any(np.asarray(g).any() for _, g in tree_flatten(grads))
+
+
+@pytest.mark.parametrize("family,targets", [("v1", "decoder"), ("v2", "both")])
+def test_lora_training_lowers_the_loss(family, targets, v1_path, v2_path, dataset, tmp_path):
+    model, processor = _lora(v1_path if family == "v1" else v2_path, targets)
+    frozen = {k: np.asarray(v) for k, v in tree_flatten(model.parameters()) if "lora" not in k}
+    losses = _losses(_train(model, processor, dataset, tmp_path / "a", iters=20))
+    assert losses[-1] < losses[0] * 0.5
+    assert all(np.array_equal(frozen[k], np.asarray(v)) for k, v in tree_flatten(model.parameters()) if "lora" not in k)
+
+
+def test_qlora_on_a_4bit_conversion_and_full_training(v2_path, dataset, tmp_path):
+    from mlx_eve.convert import convert
+
+    q4 = convert(str(v2_path), tmp_path / "q4", quantize=True)
+    model, processor = _lora(q4, "both")
+    assert isinstance(model.layers[0].self_attn.q_proj.linear, nn.QuantizedLinear)
+    losses = _losses(_train(model, processor, dataset, tmp_path / "qlora", iters=20))
+    assert losses[-1] < losses[0] * 0.5
+    full, processor = _lora(v2_path, "both", fine_tune_type="full", argv=["--train-patch-embedding"])
+    before = {k: np.asarray(v) for k, v in tree_flatten(full.parameters())}
+    _train(full, processor, dataset, tmp_path / "full", iters=3, save_every=3)
+    after = dict(tree_flatten(full.parameters()))
+    unchanged = [k for k, v in after.items() if np.array_equal(before[k], np.asarray(v))]
+    # Only embedding rows of tokens never seen (and parameters without gradient) may stay the same.
+    assert not [k for k in unchanged if "embed_tokens" not in k and "lm_head" not in k and "moe" not in k]
+    assert "model.vision_tower.patch_embedding.0.weight" not in unchanged
+
+
+def test_resume_continues_exactly(v2_path, dataset, tmp_path):
+    argv = ["--lora-dropout", "0.1"]  # dropout draws random numbers: the random state must be restored too
+    straight, processor = _lora(v2_path, "both", argv=argv)
+    _train(straight, processor, dataset, tmp_path / "straight", iters=10, save_every=5)
+    first, processor = _lora(v2_path, "both", argv=argv)
+    _train(first, processor, dataset, tmp_path / "split", iters=5, save_every=5)
+    second, processor = _lora(v2_path, "both", argv=argv)
+    splits = load_splits(dataset, processor, 4096)
+    args = TrainingArgs(batch_size=4, iters=10, learning_rate=1e-3, steps_per_report=5, steps_per_eval=100, save_every=5)
+    train(second, processor.image_processor, splits["train"], splits["valid"], args, tmp_path / "split", resume=True, report=lambda m: None)
+    a = mx.load(str(tmp_path / "straight" / "adapters.safetensors"))
+    b = mx.load(str(tmp_path / "split" / "adapters.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_allclose(np.asarray(a[k]), np.asarray(b[k]), atol=1e-6)
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(v2_path, dataset, tmp_path, monkeypatch):
+    import mlx_eve.trainer as trainer
+
+    calls, real = [0], trainer.loss_sum
+
+    def diverging(model, batch):  # the loss turns NaN on the 7th training step
+        calls[0] += model.training  # validation batches run in eval mode
+        total, tokens = real(model, batch)
+        return (total * mx.nan if calls[0] == 7 else total), tokens
+
+    monkeypatch.setattr(trainer, "loss_sum", diverging)
+    model, processor = _lora(v2_path, "both")
+    with pytest.raises(TrainingError, match=r"became nan at step 7; .*last good checkpoint \(step 6\)"):
+        _train(model, processor, dataset, tmp_path / "nan", iters=30, save_every=3, steps_per_eval=1000)
+    assert json.loads((tmp_path / "nan" / "checkpoint" / "state.json").read_text())["step"] == 6
+    weights = mx.load(str(tmp_path / "nan" / "checkpoint" / "adapters.safetensors"))
+    assert all(np.isfinite(np.asarray(v)).all() for v in weights.values())
+    assert mx.load(str(tmp_path / "nan" / "adapters.safetensors")).keys() == weights.keys()
+
+
+def run_lora(*args, **kwargs):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, "-m", "mlx_eve.lora", *args], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
+
+
+def test_ctrl_c_saves_and_resume_continues(v2_path, dataset, tmp_path):
+    adapters = tmp_path / "adapters"
+    common = ["--model", str(v2_path), "--data", str(dataset), "--adapter-path", str(adapters), "--batch-size", "4", "--learning-rate", "1e-3", "--steps-per-report", "1", "--steps-per-eval", "1000"]
+    process = run_lora("--train", "--iters", "100000", "--save-every", "100000", *common)
+    output = []
+    for line in process.stdout:
+        output.append(line)
+        if line.startswith("Iter 3: Train loss"):  # once: a second Ctrl-C would abort without saving
+            process.send_signal(signal.SIGINT)
+    assert process.wait(timeout=120) == 0, "".join(output)
+    stopped = int(next(l for l in output if l.startswith("Stopped at step")).split()[3].rstrip(";"))
+    assert stopped >= 3
+    assert json.loads((adapters / "checkpoint" / "state.json").read_text())["step"] == stopped
+    resumed = run_lora("--train", "--resume", "--iters", str(stopped + 2), "--save-every", "1000", *common)
+    text = resumed.communicate(timeout=300)[0]
+    assert resumed.returncode == 0, text
+    assert f"Resuming from step {stopped}." in text and f"Iter {stopped + 1}: Train loss" in text
+
+
+def test_adapters_load_everywhere_and_fuse(v2_path, dataset, tmp_path, images):
+    config = tmp_path / "config.yaml"
+    config.write_text(f"model: {v2_path}\ndata: {dataset}\ntrain: true\niters: 6\nbatch_size: 4\nlearning_rate: 0.001\nsave_every: 3\nlora_parameters:\n  rank: 4\n  scale: 10.0\n")
+    adapters = tmp_path / "adapters"
+    assert lora_main(["-c", str(config), "--adapter-path", str(adapters), "--targets", "visual"]) == 0
+    saved = json.loads((adapters / "adapter_config.json").read_text())
+    assert saved["lora_parameters"]["rank"] == 4 and saved["lora_parameters"]["scale"] == 10.0 and saved["iters"] == 6
+    assert saved["lora_parameters"]["keys"][0] == "self_attn.moe_q_proj" and saved["fine_tune_type"] == "lora"
+    adapted, processor = load(str(v2_path), adapter_path=str(adapters))
+    inputs = processor("What colour is the circle?", images=[images["wide"]])
+    logits = lambda m: np.asarray(m(inputs.input_ids[None], input_embeddings=m.embed_inputs(inputs.input_ids, inputs.pixel_values)[None]))  # noqa: E731
+    from mlx_eve.fuse import fuse
+
+    fused, _ = load(str(fuse(str(v2_path), str(adapters), str(tmp_path / "fused"))))
+    np.testing.assert_allclose(logits(fused), logits(adapted), atol=1e-4)
+    base, _ = load(str(v2_path))
+    assert np.abs(logits(base) - logits(adapted)).max() > 1e-3
+    cli = subprocess.run([sys.executable, "generate.py", "--model", str(v2_path), "--adapter-path", str(adapters), "--image", str(images["wide"]), "-p", "Colour?", "-m", "3"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert cli.returncode == 0 and "Generation: 3 tokens" in cli.stdout, cli.stderr
+
+
+def test_fuse_into_a_quantized_base_warns_and_can_dequantize(v2_path, dataset, tmp_path, capfd):
+    from mlx_eve.convert import convert
+    from mlx_eve.fuse import fuse
+
+    q8 = convert(str(v2_path), tmp_path / "q8", quantize=True, q_bits=8)
+    assert lora_main(["--model", str(q8), "--data", str(dataset), "--train", "--iters", "2", "--batch-size", "4", "--adapter-path", str(tmp_path / "a")]) == 0
+    requantized, _ = load(str(fuse(str(q8), str(tmp_path / "a"), str(tmp_path / "f1"))))
+    assert "base model is quantized" in capfd.readouterr().err
+    assert isinstance(requantized.layers[0].self_attn.q_proj, nn.QuantizedLinear)
+    floating, _ = load(str(fuse(str(q8), str(tmp_path / "a"), str(tmp_path / "f2"), dequantize=True)))
+    assert not any(isinstance(m, nn.QuantizedLinear) for _, m in floating.named_modules())
+    assert "quantization" not in json.loads((tmp_path / "f2" / "config.json").read_text())
+
+
+def test_two_processes_train_like_one_with_the_same_global_batch(v2_path, dataset, tmp_path):
+    launcher = Path(sys.executable).parent / "mlx.launch"
+    if not launcher.exists():
+        pytest.skip("mlx.launch is not installed")
+    script = tmp_path / "lora_entry.py"
+    script.write_text("import sys\nfrom mlx_eve.lora import main\nsys.exit(main())\n")
+    common = ["--model", str(v2_path), "--data", str(dataset), "--train", "--iters", "6", "--batch-size", "4", "--learning-rate", "1e-3", "--steps-per-report", "1", "--steps-per-eval", "1000", "--save-every", "6"]
+    one = subprocess.run([sys.executable, str(script), *common, "--adapter-path", str(tmp_path / "one")], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    two = subprocess.run([str(launcher), "-n", "2", "--backend", "ring", "--python", sys.executable, str(script), *common, "--adapter-path", str(tmp_path / "two")], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert one.returncode == 0 and two.returncode == 0, one.stdout + one.stderr + two.stdout + two.stderr
+    curve = lambda text: [float(l.split("Train loss ")[1].split(",")[0]) for l in text.splitlines() if "Train loss" in l]  # noqa: E731
+    assert len(curve(one.stdout)) == 6 and len(curve(two.stdout)) == 6  # reported once, by rank 0
+    np.testing.assert_allclose(curve(two.stdout), curve(one.stdout), atol=2e-3)
+    a, b = mx.load(str(tmp_path / "one" / "adapters.safetensors")), mx.load(str(tmp_path / "two" / "adapters.safetensors"))
+    for k in a:
+        np.testing.assert_allclose(np.asarray(a[k]), np.asarray(b[k]), atol=1e-4)
+
+
+def test_gradient_checkpointing_gives_the_same_training(v2_path, dataset, tmp_path):
+    """Run as subprocesses: checkpointing patches the decoder layer class for the whole process."""
+    common = ["--model", str(v2_path), "--data", str(dataset), "--train", "--iters", "3", "--batch-size", "4", "--learning-rate", "1e-3", "--steps-per-report", "1", "--steps-per-eval", "1000"]
+    runs = []
+    for extra in ([], ["--grad-checkpoint"]):
+        process = run_lora(*common, "--adapter-path", str(tmp_path / f"a{len(runs)}"), *extra)
+        text = process.communicate(timeout=300)[0]
+        assert process.returncode == 0, text
+        runs.append([float(l.split("Train loss ")[1].split(",")[0]) for l in text.splitlines() if "Train loss" in l])
+    assert len(runs[0]) == 3
+    np.testing.assert_allclose(runs[1], runs[0], atol=1e-4)
