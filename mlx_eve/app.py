@@ -1,0 +1,379 @@
+"""The desktop chat demo: ``python app.py`` (or ``python -m mlx_eve.app``), then open the address it prints.
+
+The model is loaded once, before the server starts, and serves every browser tab. Each tab holds its own
+``ChatSession`` (the conversation and its KV cache), so a follow-up question only runs its new tokens.
+All MLX work happens on one thread, one answer at a time; other requests wait in Gradio's queue.
+"""
+
+import argparse
+import queue
+import sys
+import threading
+import time
+import traceback
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import closing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Dict, Iterator, List, Optional, Tuple
+
+import mlx.core as mx
+
+from .chat import ChatResponse, ChatSession
+from .errors import EVEError, ImageError
+from .generate import BUNDLED_MODEL
+from .loading import load
+from .models.base import EVEModel
+from .processor import Processor
+
+if TYPE_CHECKING:
+    import gradio as gr
+
+INSTALL_HINT = "The chat app needs Gradio: pip install 'mlx-eve[app]'"
+EXAMPLE_IMAGES = Path(__file__).resolve().parent.parent / "examples" / "images"
+EXAMPLE_QUESTIONS = {
+    "shapes.png": ["What shapes are in the picture?", "What colour is the circle?", "Which shape is at the bottom?"],
+}
+TEXT_EXAMPLE = "Hello! What can you help me with?"
+# Asked when an image is sent without a question.
+DEFAULT_QUESTION = "Describe the image."
+NO_STATS = "Statistics of the last answer appear here."
+# System fonts only: the page must not wait for a font server when offline.
+FONTS = ["ui-sans-serif", "system-ui", "-apple-system", "Segoe UI", "Helvetica", "Arial", "sans-serif"]
+MONO_FONTS = ["ui-monospace", "SFMono-Regular", "Menlo", "Consolas", "monospace"]
+
+Message = Dict[str, object]
+Pending = Optional[Tuple[str, Optional[str]]]  # (question, image path) handed from `submit` to `respond`
+
+
+@dataclass
+class Tab:
+    """What one browser tab keeps between events."""
+
+    session: Optional[ChatSession] = None
+    stop_requested: bool = False
+
+
+class _StartedOver:
+    """Handed out by a turn that replaced a conversation because a new image came."""
+
+
+class _Failure:
+    def __init__(self, error: BaseException):
+        self.error = error
+
+
+_DONE = object()
+
+
+def iterate_on(
+    executor: ThreadPoolExecutor, make_items: Callable[[], Iterator], should_stop: Callable[[], bool]
+) -> Iterator[list]:
+    """Run the generator ``make_items()`` on ``executor``'s thread and hand its items over to this one.
+
+    Yields lists: every item produced since the last hand-over, so a consumer slower than the model (the
+    page re-rendering the chat) gets several tokens at once instead of falling behind. Once
+    ``should_stop()`` is true, or this generator is closed (a cancelled event, a closed tab), the producer
+    closes ``make_items()`` after its current item, so a chat turn ends cleanly with its partial answer.
+    Errors are re-raised here.
+    """
+    items: "queue.Queue" = queue.Queue()
+    abandoned = threading.Event()
+
+    def produce() -> None:
+        try:
+            with closing(make_items()) as source:
+                for item in source:
+                    items.put(item)
+                    if should_stop() or abandoned.is_set():
+                        break
+        except BaseException as e:
+            items.put(_Failure(e))
+        finally:
+            items.put(_DONE)
+
+    executor.submit(produce)
+    try:
+        while True:
+            batch = [items.get()]
+            while not items.empty():
+                batch.append(items.get())
+            ready = [item for item in batch if item is not _DONE and not isinstance(item, _Failure)]
+            if ready:
+                yield ready
+            for item in batch:
+                if isinstance(item, _Failure):
+                    raise item.error
+            if batch[-1] is _DONE:
+                return
+    finally:
+        abandoned.set()
+
+
+def format_stats(response: ChatResponse, note: str = "") -> str:
+    """The footer: the size and speed of the last answer, and how much of its prompt the KV cache held."""
+    total = response.prompt_tokens + response.reused_tokens
+    if not response.image_tokens:
+        image = "none"
+    elif response.new_image_tokens:
+        image = f"{response.image_tokens} (processed)"
+    else:
+        image = f"{response.image_tokens} (reused from cache)"
+    parts = [
+        f"**Image tokens:** {image}",
+        f"**Prompt tokens:** {total} ({response.prompt_tokens} processed, {response.reused_tokens} reused from cache)",
+        f"**Prompt:** {response.prompt_tps:.1f} tokens/s",
+        f"**Generation:** {response.generation_tokens} tokens, {response.generation_tps:.1f} tokens/s",
+        f"**Peak memory:** {response.peak_memory:.3f} GB",
+    ]
+    return " · ".join(parts) + (f" · *{note}*" if note else "")
+
+
+def describe_error(error: BaseException) -> str:
+    if isinstance(error, (EVEError, ValueError)):
+        return f"⚠️ {error}"
+    return f"⚠️ Something went wrong: {type(error).__name__}: {error}"
+
+
+class ChatApp:
+    """The event handlers, around one loaded model. Gradio is only needed by ``build``."""
+
+    def __init__(self, model: EVEModel, processor: Processor, model_name: str):
+        self.model = model
+        self.processor = processor
+        self.model_name = model_name
+        self.default_max_size: Optional[int] = getattr(processor.image_processor, "max_size", None)
+        self.mlx_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlx")
+
+    def close(self) -> None:
+        """Stop the MLX thread. It must free its MLX streams itself, or the process can abort at exit
+        ("terminate called without an active exception", ml-explore/mlx#4327)."""
+        self.mlx_thread.submit(mx.clear_streams).result()
+        self.mlx_thread.shutdown()
+
+    def submit(self, message: dict, history: List[Message], tab: Tab, camera: Optional[str]) -> tuple:
+        """Show the user's message at once (not queued); ``respond`` answers it."""
+        import gradio as gr
+
+        text = (message or {}).get("text", "").strip()
+        files = (message or {}).get("files") or []
+        image = files[-1] if files else camera
+        if not text and image is None:
+            return history, gr.MultimodalTextbox(), None, camera
+        tab.stop_requested = False
+        if image is not None:
+            history = history + [{"role": "user", "content": {"path": image}}]
+        history = history + [{"role": "user", "content": text or DEFAULT_QUESTION}]
+        return history, gr.MultimodalTextbox(value=None, interactive=False), (text or DEFAULT_QUESTION, image), None
+
+    def respond(
+        self,
+        history: List[Message],
+        tab: Tab,
+        pending: Pending,
+        temperature: float,
+        top_p: float,
+        max_tokens: float,
+        repetition_penalty: float,
+        system_prompt: str,
+        max_size: float,
+    ) -> Iterator[Tuple[List[Message], str]]:
+        """Stream the answer to the pending message into the chat, with live statistics in the footer."""
+        if pending is None:
+            return
+        question, image = pending
+        answer = {"role": "assistant", "content": ""}
+        history = history + [answer]
+        footer = "Reading the image…" if image else "Processing the prompt…"
+        yield history, footer
+        options = dict(
+            max_tokens=int(max_tokens),
+            temp=float(temperature),
+            top_p=float(top_p),
+            repetition_penalty=None if repetition_penalty == 1 else float(repetition_penalty),
+            system_prompt=system_prompt.strip() or None,
+            max_size=None if self.default_max_size is None else int(max_size),
+        )
+
+        def turn() -> Iterator:
+            if image is not None or tab.session is None:
+                session = ChatSession(self.model, self.processor, image)
+                if tab.session is not None and tab.session.messages:
+                    yield _StartedOver()
+                tab.session = session
+            yield from tab.session.stream(question, **options)
+
+        response = None
+        try:
+            for batch in iterate_on(self.mlx_thread, turn, lambda: tab.stop_requested):
+                for item in batch:
+                    if isinstance(item, _StartedOver):
+                        # Before the new image's message (and the question after it).
+                        history.insert(len(history) - 3, new_conversation_marker())
+                    else:
+                        response = item
+                        answer["content"] += response.text
+                        footer = format_stats(response)
+                yield history, footer
+        except Exception as e:
+            if not isinstance(e, (EVEError, ValueError)):
+                traceback.print_exc()
+            message = describe_error(e)
+            if isinstance(e, ImageError):
+                # Name the file as the user knows it, not by its upload path, and show no broken picture.
+                name = Path(image).name
+                message = message.replace(image, name)
+                history[len(history) - 3] = {"role": "user", "content": f"📎 {name}"}
+            answer["content"] = (answer["content"] + "\n\n" if answer["content"] else "") + message
+            yield history, NO_STATS if response is None else footer
+            return
+        if response is None:
+            yield history, NO_STATS
+        elif tab.stop_requested:
+            yield history, format_stats(response, "stopped")
+        elif response.finish_reason == "length":
+            yield history, format_stats(response, "reached the maximum number of tokens")
+
+    def stop(self, tab: Tab) -> None:
+        tab.stop_requested = True
+
+    def new_chat(self, tab: Tab) -> tuple:
+        import gradio as gr
+
+        tab.stop_requested = True  # ends a running answer of the old conversation
+        return [], Tab(), gr.MultimodalTextbox(value=None, interactive=True), NO_STATS, None
+
+    def build(self) -> "gr.Blocks":
+        """The Gradio Blocks page."""
+        import gradio as gr
+
+        theme = gr.themes.Soft(font=FONTS, font_mono=MONO_FONTS)
+        with gr.Blocks(title="mlx-eve chat", theme=theme, analytics_enabled=False, css=CSS) as demo:
+            tab = gr.State(Tab())
+            pending = gr.State(None)
+            gr.Markdown(f"## mlx-eve chat\nModel: `{self.model_name}` ({family(self.model)})")
+            chatbot = gr.Chatbot(
+                type="messages",
+                elem_id="chat",
+                label="Conversation",
+                show_label=False,
+                height=520,
+                show_copy_button=True,
+                # Keeps the new-conversation marker apart from the answer before it.
+                group_consecutive_messages=False,
+                placeholder="Upload an image (or drop, or paste one) and ask about it — or just chat.",
+            )
+            chat_input = gr.MultimodalTextbox(
+                elem_id="chat-input",
+                placeholder="Ask about the image… (Enter to send, Shift+Enter for a new line)",
+                show_label=False,
+                file_count="single",
+                submit_btn="Send",
+                autofocus=True,
+            )
+            with gr.Row():
+                stop = gr.Button("Stop", variant="stop", size="sm", elem_id="stop")
+                clear = gr.Button("New chat", size="sm", elem_id="new-chat")
+            stats = gr.Markdown(NO_STATS, elem_id="stats")
+            with gr.Accordion("Camera", open=False, elem_id="camera"):
+                camera = gr.Image(
+                    sources=["webcam"], type="filepath", label="Take a photo; it goes with your next message"
+                )
+            with gr.Accordion("Settings", open=False, elem_id="settings"):
+                temperature = gr.Slider(0.0, 2.0, value=0.0, step=0.05, label="Temperature (0: greedy)")
+                top_p = gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="Top-p")
+                max_tokens = gr.Slider(
+                    1, min(4096, self.processor.context_length), value=256, step=1, label="Max tokens"
+                )
+                repetition_penalty = gr.Slider(1.0, 2.0, value=1.0, step=0.05, label="Repetition penalty (1: off)")
+                system_prompt = gr.Textbox(label="System prompt", placeholder=self.processor.template.system, lines=2)
+                default_size = self.default_max_size or 1600
+                resolution = gr.Slider(
+                    min(224, default_size),
+                    max(2048, default_size),
+                    value=default_size,
+                    step=32,
+                    label="Image resolution (pixels per side; fewer is faster, with fewer image tokens)",
+                    visible=self.default_max_size is not None,
+                )
+            gr.Examples(examples=self.examples(), inputs=[chat_input], label="Examples")
+
+            settings = [temperature, top_p, max_tokens, repetition_penalty, system_prompt, resolution]
+            answering = chat_input.submit(
+                self.submit, [chat_input, chatbot, tab, camera], [chatbot, chat_input, pending, camera], queue=False
+            ).then(self.respond, [chatbot, tab, pending, *settings], [chatbot, stats], concurrency_id="generate")
+            answering.then(lambda: gr.MultimodalTextbox(interactive=True), None, [chat_input], queue=False)
+            stop.click(self.stop, [tab], None, queue=False)
+            reset_outputs = [chatbot, tab, chat_input, stats, pending]
+            # Cancelling needs the queue; no concurrency limit, so a running answer does not hold it up.
+            clear.click(self.new_chat, [tab], reset_outputs, cancels=[answering], concurrency_limit=None)
+            chatbot.clear(self.new_chat, [tab], reset_outputs, cancels=[answering], concurrency_limit=None)
+        return demo
+
+    def examples(self) -> List[dict]:
+        images = sorted(p for p in EXAMPLE_IMAGES.glob("*") if p.suffix.lower() in {".png", ".jpg", ".jpeg", ".webp"})
+        examples = [
+            {"text": question, "files": [str(image)]}
+            for image in images
+            for question in EXAMPLE_QUESTIONS.get(image.name, [DEFAULT_QUESTION])
+        ]
+        return examples + [{"text": TEXT_EXAMPLE, "files": []}]
+
+
+def new_conversation_marker() -> Message:
+    return {
+        "role": "assistant",
+        "content": "The model does not see the messages above.",
+        "metadata": {"title": "New image: a new conversation starts here"},
+    }
+
+
+def family(model: EVEModel) -> str:
+    return {"eve": "EVEv1", "eve-qwen2": "EVEv2"}.get(model.model_type, model.model_type)
+
+
+CSS = """
+#stats { font-size: 0.85em; opacity: 0.85; }
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Chat with an EVE model about images, in your browser.")
+    p.add_argument(
+        "--model", default=None, help=f"Model folder or Hugging Face repo (default: the bundled {BUNDLED_MODEL.name})."
+    )
+    p.add_argument("--adapter-path", default=None, help="Folder with LoRA adapters to apply.")
+    p.add_argument("--host", default="127.0.0.1", help="Address to serve on (default 127.0.0.1: this computer only).")
+    p.add_argument("--port", type=int, default=None, help="Port (default: 7860, or the next free one).")
+    p.add_argument("--max-size", type=int, default=None, help="Default EVEv2 image resolution (default 1600).")
+    p.add_argument("--open", action="store_true", help="Open the page in your web browser.")
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        import gradio  # noqa: F401
+    except ImportError:
+        print(f"error: {INSTALL_HINT}", file=sys.stderr)
+        return 1
+    model_path = args.model or str(BUNDLED_MODEL)
+    print(f"Loading {model_path} …", flush=True)
+    start = time.perf_counter()
+    try:
+        model, processor = load(model_path, adapter_path=args.adapter_path, max_size=args.max_size)
+    except (EVEError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"Loaded {family(model)} model in {time.perf_counter() - start:.1f} s.", flush=True)
+    app = ChatApp(model, processor, Path(model_path).name if Path(model_path).is_dir() else model_path)
+    try:
+        demo = app.build()
+        demo.queue(default_concurrency_limit=1).launch(server_name=args.host, server_port=args.port, inbrowser=args.open)
+    finally:
+        app.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
