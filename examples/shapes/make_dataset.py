@@ -1,0 +1,325 @@
+"""Generate the synthetic "shapes" visual question answering dataset.
+
+Each image shows 1-4 non-overlapping filled circles, squares and triangles in five colours and two clearly
+different sizes on a light background; each sample asks one question about it (sometimes two, as a
+conversation) with a one-word answer.
+
+    python examples/shapes/make_dataset.py --out data/shapes --train 20000 --valid 500 --test 500
+
+writes data/shapes/images/*.png and data/shapes/{train,valid,test}.jsonl in the LLaVA format
+(``--format mlx-vlm`` for mlx-vlm's messages format). The same seed gives the same files.
+"""
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass
+from functools import partial
+from multiprocessing import Pool
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+COLOURS: Dict[str, Tuple[int, int, int]] = {
+    "red": (220, 45, 45),
+    "green": (45, 165, 70),
+    "blue": (40, 90, 220),
+    "yellow": (235, 200, 40),
+    "purple": (150, 65, 185),
+}
+COLOUR_JITTER = 12
+SHAPES = ("circle", "square", "triangle")
+# Side length (bounding-box width) as a fraction of the image's shorter side.
+SIZES = {"big": (0.35, 0.45), "small": (0.12, 0.18)}
+MAX_SHAPES = 4
+TASKS = ("colour", "shape", "count", "position", "size")
+ANSWERS: Dict[str, Tuple[str, ...]] = {
+    "colour": tuple(COLOURS),
+    "shape": SHAPES,
+    "count": tuple(str(n) for n in range(1, MAX_SHAPES + 1)),
+    "position": ("left", "right"),
+    "size": ("big", "small"),
+}
+# A position question is asked only about an object whose centre is at least this fraction of the width
+# away from the middle.
+OFF_CENTRE = 0.15
+MULTI_TURN_RATE = 0.1
+SPLITS = ("train", "valid", "test")
+
+QUESTIONS = {
+    "colour": ["What colour is the {shape}?", "What is the colour of the {shape}?", "What color is the {shape}?"],
+    "colour_single": ["What colour is the shape?", "What colour is the object?"],
+    "shape": ["What shape is the {colour} object?", "What is the shape of the {colour} object?"],
+    "shape_single": ["What shape is in the image?", "What shape do you see?"],
+    "count": [
+        "How many shapes are there?",
+        "How many shapes are in the picture?",
+        "How many shapes are in the image?",
+        "How many objects can you see?",
+    ],
+    "position": [
+        "Is the {colour} {shape} on the left or on the right?",
+        "Is the {colour} {shape} on the right or on the left?",
+        "Is the {colour} {shape} on the left or right side of the image?",
+        "Which side is the {colour} {shape} on, left or right?",
+    ],
+    "size": [
+        "Is the {colour} {shape} big or small?",
+        "Is the {colour} {shape} small or big?",
+        "How big is the {colour} {shape}, big or small?",
+    ],
+}
+
+
+@dataclass(frozen=True)
+class Shape:
+    kind: str
+    colour: str
+    size: str  # "big" or "small"
+    box: Tuple[int, int, int, int]  # left, top, right, bottom (inclusive pixels)
+
+    @property
+    def centre_x(self) -> float:
+        return (self.box[0] + self.box[2]) / 2
+
+
+@dataclass(frozen=True)
+class Scene:
+    width: int
+    height: int
+    shapes: Tuple[Shape, ...]
+
+
+QA = Tuple[str, str]  # (question, answer)
+
+
+def random_scene(rng: np.random.Generator, image_size: Tuple[int, int], count: int) -> Optional[Scene]:
+    """``count`` shapes at random non-overlapping places, or None when they did not fit."""
+    width, height = (int(v) for v in rng.integers(image_size[0], image_size[1] + 1, size=2))
+    short = min(width, height)
+    gap = max(3, round(0.04 * short))
+    shapes: List[Shape] = []
+    for _ in range(count):
+        kind = SHAPES[rng.integers(len(SHAPES))]
+        colour = ANSWERS["colour"][rng.integers(len(COLOURS))]
+        size = "big" if rng.random() < 0.5 else "small"
+        side = round(short * rng.uniform(*SIZES[size]))
+        box_height = round(side * math.sqrt(3) / 2) if kind == "triangle" else side
+        for _ in range(30):
+            left = int(rng.integers(1, width - side))
+            top = int(rng.integers(1, height - box_height))
+            box = (left, top, left + side - 1, top + box_height - 1)
+            if all(_apart(box, other.box, gap) for other in shapes):
+                shapes.append(Shape(kind, colour, size, box))
+                break
+        else:
+            return None
+    return Scene(width, height, tuple(shapes))
+
+
+def _apart(a: Sequence[int], b: Sequence[int], gap: int) -> bool:
+    return a[2] + gap < b[0] or b[2] + gap < a[0] or a[3] + gap < b[1] or b[3] + gap < a[1]
+
+
+def questions(scene: Scene, task: str, rng: np.random.Generator) -> List[QA]:
+    """Every unambiguous question of type ``task`` about ``scene``, each in a randomly chosen phrasing."""
+
+    def ask(key: str, **names: str) -> str:
+        return QUESTIONS[key][rng.integers(len(QUESTIONS[key]))].format(**names)
+
+    shapes = scene.shapes
+    if task == "count":
+        return [(ask("count"), str(len(shapes)))]
+    kinds = Counter(s.kind for s in shapes)
+    colours = Counter(s.colour for s in shapes)
+    objects = Counter((s.colour, s.kind) for s in shapes)
+    single = len(shapes) == 1
+    found = []
+    for s in shapes:
+        if task == "colour" and kinds[s.kind] == 1:
+            use_generic = single and rng.random() < 0.5
+            found.append((ask("colour_single") if use_generic else ask("colour", shape=s.kind), s.colour))
+        elif task == "shape" and colours[s.colour] == 1:
+            use_generic = single and rng.random() < 0.5
+            found.append((ask("shape_single") if use_generic else ask("shape", colour=s.colour), s.kind))
+        elif task in ("position", "size") and objects[s.colour, s.kind] == 1:
+            if task == "size":
+                found.append((ask("size", colour=s.colour, shape=s.kind), s.size))
+            elif abs(s.centre_x - scene.width / 2) >= OFF_CENTRE * scene.width:
+                side = "left" if s.centre_x < scene.width / 2 else "right"
+                found.append((ask("position", colour=s.colour, shape=s.kind), side))
+    return found
+
+
+def make_sample(
+    rng: np.random.Generator,
+    task: str,
+    answer: str,
+    tasks: Sequence[str],
+    image_size: Tuple[int, int],
+    turns: int = 1,
+) -> Tuple[Scene, List[QA]]:
+    """A scene with a ``task`` question whose answer is ``answer``, preceded by up to ``turns - 1`` questions
+    of the other types (with ``turns == 1``, by one such question now and then)."""
+    for _ in range(10_000):
+        count = int(answer) if task == "count" else int(rng.integers(1, MAX_SHAPES + 1))
+        scene = random_scene(rng, image_size, count)
+        if scene is None:
+            continue
+        matching = [qa for qa in questions(scene, task, rng) if qa[1] == answer]
+        if matching:
+            break
+    else:
+        raise RuntimeError(f"Could not make a {task!r} question answered {answer!r} at image size {image_size}.")
+    extra = turns - 1 if turns > 1 else int(rng.random() < MULTI_TURN_RATE)
+    others = [qa for t in tasks if t != task for qa in questions(scene, t, rng)] if extra else []
+    chosen = [others[i] for i in rng.permutation(len(others))[:extra]]
+    return scene, chosen + [matching[rng.integers(len(matching))]]
+
+
+def render(scene: Scene, rng: np.random.Generator) -> Image.Image:
+    """A light background with a gentle gradient, and the shapes in slightly jittered colours."""
+    base = rng.integers(226, 250, size=3)
+    angle = rng.uniform(0, 2 * math.pi)
+    xs = np.linspace(-1, 1, scene.width)
+    ys = np.linspace(-1, 1, scene.height)[:, None]
+    ramp = rng.uniform(0, 6) * (math.cos(angle) * xs + math.sin(angle) * ys)
+    background = np.clip(base + ramp[..., None], 0, 255).astype(np.uint8)
+    image = Image.fromarray(background)
+    draw = ImageDraw.Draw(image)
+    for s in scene.shapes:
+        jitter = rng.integers(-COLOUR_JITTER, COLOUR_JITTER + 1, size=3)
+        fill = tuple(int(v) for v in np.clip(np.add(COLOURS[s.colour], jitter), 0, 255))
+        left, top, right, bottom = s.box
+        if s.kind == "circle":
+            draw.ellipse(s.box, fill=fill)
+        elif s.kind == "square":
+            draw.rectangle(s.box, fill=fill)
+        else:
+            draw.polygon([(left, bottom), (right, bottom), ((left + right) / 2, top)], fill=fill)
+    return image
+
+
+def make_record(
+    index: int,
+    *,
+    split: str,
+    out: Path,
+    seed: int,
+    tasks: Sequence[str],
+    image_size: Tuple[int, int],
+    fmt: str,
+    turns: int = 1,
+) -> dict:
+    # The type and answer of sample i cycle through all combinations, so both are balanced exactly.
+    task = tasks[index % len(tasks)]
+    answers = ANSWERS[task]
+    answer = answers[(index // len(tasks)) % len(answers)]
+    # Every sample has its own random stream: results do not depend on the number of samples or workers.
+    rng = np.random.default_rng([seed, SPLITS.index(split), index])
+    scene, qas = make_sample(rng, task, answer, tasks, image_size, turns)
+    name = f"{split}-{index:06d}"
+    image = f"images/{name}.png"
+    render(scene, rng).save(out / image, compress_level=1)
+    texts = [text for question, reply in qas for text in (question, reply)]
+    texts[0] = "<image>\n" + texts[0]
+    if fmt == "mlx-vlm":
+        messages = [{"role": ("user", "assistant")[i % 2], "content": text} for i, text in enumerate(texts)]
+        return {"images": [image], "messages": messages, "question_type": task}
+    conversations = [{"from": ("human", "gpt")[i % 2], "value": text} for i, text in enumerate(texts)]
+    return {"id": name, "image": image, "conversations": conversations, "question_type": task}
+
+
+def write_split(
+    out: Path,
+    split: str,
+    count: int,
+    *,
+    seed: int,
+    tasks: Sequence[str],
+    image_size: Tuple[int, int] = (96, 256),
+    fmt: str = "llava",
+    workers: int = 1,
+    turns: int = 1,
+) -> Path:
+    """Write ``count`` samples of ``split`` (images and ``<split>.jsonl``, in shuffled order) into ``out``."""
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    make = partial(
+        make_record, split=split, out=out, seed=seed, tasks=tuple(tasks), image_size=image_size, fmt=fmt, turns=turns
+    )
+    if workers > 1:
+        with Pool(workers) as pool:
+            records = pool.map(make, range(count), chunksize=64)
+    else:
+        records = [make(i) for i in range(count)]
+    order = np.random.default_rng([seed, SPLITS.index(split)]).permutation(count)
+    path = out / f"{split}.jsonl"
+    with open(path, "w") as f:
+        for i in order:
+            f.write(json.dumps(records[i]) + "\n")
+    return path
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Generate the synthetic shapes VQA dataset.")
+    p.add_argument("--out", required=True, type=Path, help="Output folder.")
+    p.add_argument("--train", type=int, default=20000, help="Number of training samples.")
+    p.add_argument("--valid", type=int, default=500, help="Number of validation samples.")
+    p.add_argument("--test", type=int, default=500, help="Number of test samples.")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tasks", default="colour,shape,count,position", help=f"Comma-separated, from {','.join(TASKS)}.")
+    p.add_argument(
+        "--image-size",
+        nargs=2,
+        type=int,
+        default=[96, 256],
+        metavar=("MIN", "MAX"),
+        help="Range of image widths and heights (each drawn independently).",
+    )
+    p.add_argument("--format", choices=["llava", "mlx-vlm"], default="llava", help="JSONL record layout.")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="Processes drawing images.")
+    p.add_argument(
+        "--train-turns",
+        type=int,
+        default=1,
+        help="Questions per training image: more supervision per image (valid/test keep one scored question).",
+    )
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    tasks = list(dict.fromkeys(t.strip() for t in args.tasks.split(",") if t.strip()))
+    unknown = sorted(set(tasks) - set(TASKS))
+    if unknown or not tasks:
+        sys.exit(f"error: unknown or missing task(s) {unknown}; choose from {', '.join(TASKS)}")
+    low, high = args.image_size
+    if not 64 <= low <= high:
+        sys.exit("error: --image-size needs 64 <= MIN <= MAX")
+    for split in SPLITS:
+        count = getattr(args, split)
+        start = time.perf_counter()
+        path = write_split(
+            args.out,
+            split,
+            count,
+            seed=args.seed,
+            tasks=tasks,
+            image_size=(low, high),
+            fmt=args.format,
+            workers=args.workers,
+            turns=args.train_turns if split == "train" else 1,
+        )
+        seconds = time.perf_counter() - start
+        print(f"{path}: {count} samples in {seconds:.1f} s ({count / max(seconds, 1e-9):.0f} images/s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

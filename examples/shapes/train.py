@@ -1,0 +1,157 @@
+"""Train a small EVEv2-architecture model from scratch on the shapes dataset, with mlx-eve's own
+fine-tuning code, and write it where the README's first command and the demo app look for it.
+
+    python examples/shapes/train.py --work data/shapes-run --out examples/models/eve-shapes
+
+Steps (each printed as it runs, all resumable by re-running with the same --work):
+1. generate the dataset (examples/shapes/make_dataset.py);
+2. train a byte-level BPE tokenizer on its text (Qwen2's pre-tokenizer and special tokens);
+3. write a randomly initialised EVEv2 checkpoint (text and visual branch in every layer);
+4. train every parameter with ``python -m mlx_eve.lora --fine-tune-type full``;
+5. merge (``python -m mlx_eve.fuse``), store in float16 (``convert.py``), and score the held-out test split.
+
+``--init MODEL`` skips 2–3 and continues training MODEL (a new learning-rate cycle, e.g. on new images
+from another ``--seed``).
+"""
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent.parent
+SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+SYSTEM = (
+    "A chat between a curious user and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the user's questions."
+)
+QWEN2_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+
+def run(*command: str) -> None:
+    print("+", " ".join(command), flush=True)
+    subprocess.run([sys.executable, *command], check=True, cwd=ROOT)
+
+
+def train_tokenizer(data: Path, out: Path, vocab_size: int) -> int:
+    """Qwen2-style byte-level BPE trained on the dataset's questions and answers plus the prompt template."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    texts = [SYSTEM, "USER: ASSISTANT:"]
+    for line in (data / "train.jsonl").read_text().splitlines():
+        texts += [turn["value"] for turn in json.loads(line)["conversations"]]
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated"), pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
+    )
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tokenizer.train_from_iterator(texts, trainer)
+    base = tokenizer.get_vocab_size()
+    tokenizer.add_special_tokens(SPECIAL)
+    tokenizer.save(str(out / "tokenizer.json"))
+    added = {str(base + i): {"content": s, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False, "special": True} for i, s in enumerate(SPECIAL)}
+    config = {
+        "added_tokens_decoder": added,
+        "bos_token": None,
+        "eos_token": "<|im_end|>",
+        "pad_token": "<|endoftext|>",
+        "unk_token": None,
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": 2048,
+        "tokenizer_class": "Qwen2Tokenizer",
+    }
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+    (out / "generation_config.json").write_text(json.dumps({"eos_token_id": [base + 2, base], "do_sample": False}, indent=2))
+    return base + len(SPECIAL)
+
+
+def initial_checkpoint(out: Path, data: Path, args: argparse.Namespace) -> None:
+    from mlx_eve.loading import build_model
+
+    out.mkdir(parents=True, exist_ok=True)
+    tokens = train_tokenizer(data, out, args.vocab_size)
+    config = {
+        "model_type": "eve-qwen2",
+        "architectures": ["EVEQwen2ForCausalLM"],
+        "hidden_size": args.hidden_size,
+        "intermediate_size": args.intermediate_size,
+        "num_hidden_layers": args.layers,
+        "num_attention_heads": args.hidden_size // 64,
+        "num_key_value_heads": max(args.hidden_size // 128, 1),
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 10000.0,
+        "max_position_embeddings": 2048,
+        "vocab_size": -(-tokens // 64) * 64,
+        "tie_word_embeddings": False,
+        "mm_hidden_size": args.hidden_size // 2,
+        "mm_vision_tower": f"openai/eve-anyratio-res{args.max_size}-patch16",
+        "add_moe": True,
+        "moe_part": "layernorm-self_attn-mlp",
+        "torch_dtype": "float32",
+    }
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    preprocessor = {"image_processor_type": "AnyRatioProcessor", "max_size": args.max_size, "patch_stride": 16, "dense_stride": 2}
+    (out / "preprocessor_config.json").write_text(json.dumps(preprocessor, indent=2))
+    mx.random.seed(args.seed)
+    model = build_model(config, {"patch_stride": 16, "dense_stride": 2})
+    tower = model.model.vision_tower
+    tower.class_embedding = mx.random.normal(tower.class_embedding.shape) * 0.02
+    tower.split_embedding = mx.random.normal(tower.split_embedding.shape) * 0.02
+    model.model.embed_tokens.weight = mx.random.normal(model.model.embed_tokens.weight.shape) * 0.02
+    mx.save_safetensors(str(out / "model.safetensors"), dict(tree_flatten(model.parameters())), metadata={"format": "mlx"})
+    parameters = sum(v.size for _, v in tree_flatten(model.parameters()))
+    print(f"Initial model: {parameters / 1e6:.2f}M parameters, {tokens} tokens, images at {args.max_size}px", flush=True)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--work", type=Path, default=ROOT / "data" / "shapes-run", help="Dataset, checkpoints and logs.")
+    p.add_argument("--out", type=Path, default=ROOT / "examples" / "models" / "eve-shapes", help="The finished model.")
+    p.add_argument("--train-samples", type=int, default=20000)
+    p.add_argument("--train-turns", type=int, default=4, help="Questions asked about each training image.")
+    p.add_argument("--iters", type=int, default=3000)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--learning-rate", type=float, default=1e-3)
+    p.add_argument("--hidden-size", type=int, default=256)
+    p.add_argument("--intermediate-size", type=int, default=704)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--vocab-size", type=int, default=640, help="BPE merges target (before special tokens).")
+    p.add_argument("--max-size", type=int, default=160, help="Image resolution (about max-size² pixels).")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--init", type=Path, default=None, help="Continue training this model instead of a new one.")
+    args = p.parse_args()
+    data, run_dir, fused = args.work / "data", args.work / "run", args.work / "fused"
+    init = args.init or args.work / "init"
+
+    if not (data / "test.jsonl").exists():
+        run(
+            str(HERE / "make_dataset.py"), "--out", str(data), "--train", str(args.train_samples), "--valid", "500",
+            "--test", "1000", "--seed", str(args.seed), "--train-turns", str(args.train_turns),
+        )
+    if not (init / "config.json").exists():
+        initial_checkpoint(init, data, args)
+    resume = ["--resume"] if (run_dir / "checkpoint" / "state.json").exists() else []
+    run(
+        "-m", "mlx_eve.lora", "--model", str(init), "--train", "--data", str(data), "--fine-tune-type", "full",
+        "--train-patch-embedding", "--batch-size", str(args.batch_size), "--iters", str(args.iters),
+        "--learning-rate", str(args.learning_rate), "--lr-schedule", "cosine", "--warmup", str(min(200, args.iters // 10)),
+        "--optimizer", "adamw", "--weight-decay", "0.01", "--max-grad-norm", "1.0", "--steps-per-report", "50",
+        "--steps-per-eval", "500", "--val-batches", "8", "--save-every", "250", "--adapter-path", str(run_dir),
+        "--seed", str(args.seed), *resume,
+    )
+    run("-m", "mlx_eve.fuse", "--model", str(init), "--adapter-path", str(run_dir), "--save-path", str(fused), "--force")
+    run("convert.py", "--hf-path", str(fused), "--mlx-path", str(args.out), "--dtype", "float16", "--force")
+    run(str(HERE / "evaluate.py"), "--model", str(args.out), "--data", str(data), "--split", "test")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,222 @@
+"""examples/shapes: the generated answers agree with the saved pixels, and the evaluator scores correctly."""
+
+import hashlib
+import importlib.util
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+SHAPES_DIR = Path(__file__).resolve().parent.parent / "examples" / "shapes"
+VOCABULARY = {
+    "colour": {"red", "green", "blue", "yellow", "purple"},
+    "shape": {"circle", "square", "triangle"},
+    "count": {"1", "2", "3", "4"},
+    "position": {"left", "right"},
+    "size": {"big", "small"},
+}
+ARGS = ["--train", "40", "--valid", "15", "--test", "15", "--image-size", "96", "160", "--workers", "1"]
+
+
+def _import(name: str):
+    spec = importlib.util.spec_from_file_location(f"shapes_{name}", SHAPES_DIR / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+make_dataset = _import("make_dataset")
+shapes_eval = _import("evaluate")
+
+
+def _generate(out: Path, *extra: str) -> Path:
+    assert make_dataset.main(["--out", str(out), *ARGS, *extra]) == 0
+    return out
+
+
+# Two questions per training image, so training samples are conversations.
+SEED_3 = ("--seed", "3", "--tasks", ",".join(VOCABULARY), "--train-turns", "2")
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    return _generate(tmp_path_factory.mktemp("shapes"), *SEED_3)
+
+
+def _samples(root: Path):
+    return {split: shapes_eval.load_samples(root / f"{split}.jsonl") for split in ("train", "valid", "test")}
+
+
+def _regions(mask: np.ndarray):
+    """4-connected regions of a boolean mask, grown from a seed pixel until they stop changing."""
+    left = mask.copy()
+    while left.any():
+        region = np.zeros_like(mask)
+        region[np.unravel_index(np.argmax(left), mask.shape)] = True
+        while True:
+            grown = region.copy()
+            grown[1:] |= region[:-1]
+            grown[:-1] |= region[1:]
+            grown[:, 1:] |= region[:, :-1]
+            grown[:, :-1] |= region[:, 1:]
+            grown &= mask
+            if (grown == region).all():
+                break
+            region = grown
+        left &= ~region
+        yield region
+
+
+def _read_objects(path: Path):
+    """The shapes in a saved image, recovered from its pixels alone."""
+    pixels = np.asarray(Image.open(path).convert("RGB")).astype(int)
+    assert pixels.min(axis=2).min() < 150 <= np.median(pixels.min(axis=2)), "background should be light"
+    short = min(pixels.shape[:2])
+    objects = []
+    for region in _regions(pixels.min(axis=2) < 150):
+        ys, xs = np.nonzero(region)
+        width, height = np.ptp(xs) + 1, np.ptp(ys) + 1
+        fill = region.sum() / (width * height)
+        mean = pixels[region].mean(axis=0)
+        distances = {c: np.abs(mean - rgb).max() for c, rgb in make_dataset.COLOURS.items()}
+        colour = min(distances, key=distances.get)
+        assert distances[colour] <= 15, f"{path.name}: colour {mean} is not a palette colour"
+        assert 0.35 < fill < 0.65 or 0.7 < fill < 0.86 or fill > 0.95, f"{path.name}: fill ratio {fill}"
+        assert width <= 0.2 * short or width >= 0.33 * short, f"{path.name}: size {width} of {short}"
+        objects.append(
+            {
+                "kind": "square" if fill > 0.95 else "circle" if fill > 0.7 else "triangle",
+                "colour": colour,
+                "size": "big" if width >= 0.33 * short else "small",
+                "x": (xs.min() + xs.max()) / 2,
+            }
+        )
+    return pixels.shape[1], objects
+
+
+def _answer_from_pixels(question: str, objects, width: int):
+    """(question type, answer) for a question, worked out from the objects seen in the image."""
+    words = question.lower().rstrip("?").replace(",", "").split()
+    if "how" in words and "many" in words:
+        return "count", str(len(objects))
+    colour = next((w for w in words if w in VOCABULARY["colour"]), None)
+    kind = next((w for w in words if w in VOCABULARY["shape"]), None)
+    matches = [o for o in objects if colour in (None, o["colour"]) and kind in (None, o["kind"])]
+    assert len(matches) == 1, f"{question!r} is ambiguous or about nothing: {objects}"
+    target = matches[0]
+    if "left" in words:
+        assert abs(target["x"] - width / 2) >= 0.15 * width - 1, f"{question!r}: object too close to the middle"
+        return "position", "left" if target["x"] < width / 2 else "right"
+    if "big" in words:
+        return "size", target["size"]
+    if "colour" in words or "color" in words:
+        return "colour", target["colour"]
+    return "shape", target["kind"]
+
+
+def test_records_are_well_formed_and_balanced(dataset):
+    ids = set()
+    for split, samples in _samples(dataset).items():
+        assert len(samples) == {"train": 40, "valid": 15, "test": 15}[split]
+        types = Counter(s["question_type"] for s in samples)
+        assert set(types) == set(VOCABULARY) and max(types.values()) - min(types.values()) <= 1
+        for kind in VOCABULARY:
+            answers = Counter(s["conversations"][-1]["value"] for s in samples if s["question_type"] == kind)
+            assert max(answers.values()) - min(answers.values()) <= 1, (split, kind, answers)
+        for s in samples:
+            assert set(s) == {"id", "image", "conversations", "question_type"}
+            assert s["id"] not in ids and s["image"].startswith("images/")
+            assert all(96 <= side <= 160 for side in Image.open(dataset / s["image"]).size)
+            ids.add(s["id"])
+            turns = s["conversations"]
+            assert len(turns) in (2, 4) and [t["from"] for t in turns] == ["human", "gpt"] * (len(turns) // 2)
+            assert turns[0]["value"].startswith("<image>\n")
+            assert sum(t["value"].count("<image>") for t in turns) == 1
+            for answer in turns[1::2]:
+                assert answer["value"] in set().union(*VOCABULARY.values())
+            assert turns[-1]["value"] in VOCABULARY[s["question_type"]]
+    assert any(len(s["conversations"]) == 4 for samples in _samples(dataset).values() for s in samples)
+
+
+def test_answers_agree_with_the_pixels(dataset):
+    checked = Counter()
+    for samples in _samples(dataset).values():
+        for s in samples:
+            width, objects = _read_objects(dataset / s["image"])
+            assert 1 <= len(objects) <= 4
+            turns = s["conversations"]
+            for question, answer in zip(turns[::2], turns[1::2], strict=True):
+                kind, expected = _answer_from_pixels(question["value"].replace("<image>\n", ""), objects, width)
+                assert answer["value"] == expected, f"{s['image']}: {question['value']!r} → {answer['value']!r}"
+                checked[kind] += 1
+            assert kind == s["question_type"]
+    assert set(checked) == set(VOCABULARY)
+
+
+def test_generation_is_deterministic_and_splits_hold_different_images(dataset, tmp_path):
+    again = _generate(tmp_path / "again", *SEED_3)
+    other = _generate(tmp_path / "other", "--seed", "4", *SEED_3[2:])
+    digests = {}
+    for path in sorted((dataset / "images").iterdir()):
+        assert path.read_bytes() == (again / "images" / path.name).read_bytes()
+        digests[path.name] = hashlib.sha256(path.read_bytes()).hexdigest()
+    assert len(set(digests.values())) == len(digests) == 70
+    for split in ("train", "valid", "test"):
+        assert (dataset / f"{split}.jsonl").read_text() == (again / f"{split}.jsonl").read_text()
+        assert (dataset / f"{split}.jsonl").read_text() != (other / f"{split}.jsonl").read_text()
+
+
+def test_default_tasks_and_mlx_vlm_format(tmp_path):
+    llava = _samples(_generate(tmp_path / "llava"))
+    vlm = _samples(_generate(tmp_path / "vlm", "--format", "mlx-vlm"))
+    for split in llava:
+        assert {s["question_type"] for s in llava[split]} == {"colour", "shape", "count", "position"}
+        for a, b in zip(llava[split], vlm[split], strict=True):
+            assert set(b) == {"images", "messages", "question_type"} and b["images"] == [a["image"]]
+            assert shapes_eval.messages_of(a) == shapes_eval.messages_of(b) == b["messages"]
+
+
+def _stub_generate(monkeypatch, reply):
+    calls = []
+
+    def fake_generate(model, processor, prompt, image=None, **kwargs):
+        assert kwargs == {"max_tokens": 8, "temp": 0.0} and Path(image).is_file()
+        assert [m["role"] for m in prompt] == ["user", "assistant"] * (len(prompt) // 2) + ["user"]
+        calls.append(prompt)
+        return reply(prompt, image)
+
+    monkeypatch.setattr(shapes_eval, "generate", fake_generate)
+    return calls
+
+
+def test_evaluate_scores_a_perfect_model_at_100_percent(dataset, monkeypatch):
+    samples = shapes_eval.load_samples(dataset / "train.jsonl")
+    conversations = {Path(s["image"]).name: shapes_eval.messages_of(s) for s in samples}
+
+    def perfect(prompt, image):
+        *history, answer = conversations[Path(image).name]
+        assert prompt == history
+        return f" {answer['content'].title()}.\n"
+
+    calls = _stub_generate(monkeypatch, perfect)
+    result = shapes_eval.evaluate(None, None, samples, dataset)
+    assert result["accuracy"] == 1.0 and result["wrong"] == []
+    assert result["by_type"] == {kind: 1.0 for kind in sorted(VOCABULARY)}
+    assert sum(result["counts"].values()) == len(samples) == len(calls)
+    multi_turn = [s for s in samples if len(s["conversations"]) == 4]
+    assert sum(len(prompt) == 3 for prompt in calls) == len(multi_turn) > 0
+
+
+def test_evaluate_scores_a_model_that_always_says_red(dataset, monkeypatch):
+    samples = shapes_eval.load_samples(dataset / "test.jsonl")
+    _stub_generate(monkeypatch, lambda prompt, image: "Red")
+    result = shapes_eval.evaluate(None, None, samples, dataset)
+    red = Counter(s["question_type"] for s in samples if s["conversations"][-1]["value"] == "red")
+    total = Counter(s["question_type"] for s in samples)
+    assert result["by_type"] == {kind: red[kind] / total[kind] for kind in sorted(total)}
+    assert 0 < result["by_type"]["colour"] < 1
+    assert result["accuracy"] == pytest.approx(sum(red.values()) / len(samples))
+    assert len(result["wrong"]) == len(samples) - sum(red.values())
+    assert {w["answer"] for w in result["wrong"]} == {"red"}
