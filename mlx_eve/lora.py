@@ -209,7 +209,9 @@ def run(args: types.SimpleNamespace) -> None:
             adapter_path.mkdir(parents=True, exist_ok=True)
             (adapter_path / "adapter_config.json").write_text(json.dumps(config, indent=2))
         training = TrainingArgs(**{f: getattr(args, f) for f in TrainingArgs.__dataclass_fields__})
-        train(model, processor.image_processor, splits["train"], splits.get("valid"), training, adapter_path, resume=args.resume, report=say)
+        last = train(model, processor.image_processor, splits["train"], splits.get("valid"), training, adapter_path, resume=args.resume, report=say)
+        if last < training.iters:  # stopped by Ctrl-C, checkpoint saved: exit 130 so scripts do not carry on
+            raise KeyboardInterrupt
     elif args.test and args.adapter_path and (adapter_path / "adapter_config.json").exists():
         model = load_adapters(model, str(adapter_path))
     if args.test:

@@ -224,7 +224,7 @@ def test_ctrl_c_saves_and_resume_continues(v2_path, dataset, tmp_path):
         output.append(line)
         if line.startswith("Iter 3: Train loss"):  # once: a second Ctrl-C would abort without saving
             process.send_signal(signal.SIGINT)
-    assert process.wait(timeout=120) == 0, "".join(output)
+    assert process.wait(timeout=120) == 130, "".join(output)  # interrupted, though saved
     stopped = int(next(l for l in output if l.startswith("Stopped at step")).split()[3].rstrip(";"))
     assert stopped >= 3
     assert json.loads((adapters / "checkpoint" / "state.json").read_text())["step"] == stopped
