@@ -43,6 +43,9 @@ def fuse(
     if dequantize:
         model = dequantize_model(model)
     config = read_config(get_model_path(model_path))
+    stored = config.get("torch_dtype")
+    if stored in ("float16", "bfloat16"):  # a CPU loads 16-bit weights as float32 (loading.compute_dtype)
+        model.set_dtype(getattr(mx, stored))
     command = command or f"python -m mlx_eve.fuse --model {model_path} --adapter-path {adapter_path}"
     out = save_model(model, processor, config, Path(save_path), model_path, command, force=force)
     print(f"[INFO] Saved the fused model to {out}")

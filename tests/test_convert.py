@@ -46,7 +46,9 @@ def sources(checkpoints):
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 def test_float_round_trip(sources, tmp_path, images, source, dtype):
     out = convert(str(sources[source]), tmp_path / "mlx", dtype=dtype)
-    model, processor = load(str(out))
+    stored = {v.dtype for f in out.glob("*.safetensors") for v in mx.load(str(f)).values()}
+    assert stored == {getattr(mx, dtype)}
+    model, processor = load(str(out), dtype=getattr(mx, dtype))  # computed in half precision
     assert all(v.dtype == getattr(mx, dtype) for _, v in nn.utils.tree_flatten(model.parameters()))
     reference, _ = load(str(sources[source]))
     a, b = last_logits(reference, processor, images["wide"]), last_logits(model, processor, images["wide"])

@@ -174,7 +174,7 @@ def test_v2_split_layers_match_the_reference_blend_and_not_qwen2(v2_model, v2_pa
 def test_half_precision_checkpoints_stay_close_to_float32(checkpoints, images, dtype):
     full, processor = load(str(checkpoints("v2-1600", "v2")))
     half_path = checkpoints(f"v2-{dtype}", "v2", dtype=dtype)
-    half, _ = load(str(half_path))
+    half, _ = load(str(half_path), dtype=getattr(mx, dtype))  # computed in half precision, not float32
     assert half.model.embed_tokens.weight.dtype == getattr(mx, dtype)
     inputs = processor("What is in the image?", images=[images["square"]], system_prompt="Short.")
     # 1600-pixel default (no preprocessor config): check the token count of a 57x57 image first.

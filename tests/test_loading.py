@@ -10,6 +10,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 import torch
+from mlx.utils import tree_flatten
 
 from mlx_eve import load
 from mlx_eve.errors import CheckpointError, MissingDependencyError, ModelNotFoundError
@@ -56,12 +57,23 @@ def test_sharded_bin_checkpoint_equals_safetensors(family, checkpoints, v1_model
 
 def test_bfloat16_bin_checkpoint(checkpoints, images):
     path = checkpoints("v2-bin-bf16", "v2", fmt="bin", dtype="bfloat16")
-    model, processor = load(str(path))
+    model, processor = load(str(path), dtype=mx.bfloat16)
     assert model.model.embed_tokens.weight.dtype == mx.bfloat16
     reference = torch.load(path / "pytorch_model-00001-of-00002.bin", weights_only=True)
     key = next(k for k in reference if k.endswith("mlp.up_proj.weight"))
-    ours = dict(__import__("mlx.utils", fromlist=["tree_flatten"]).tree_flatten(model.parameters()))[key]
+    ours = dict(tree_flatten(model.parameters()))[key]
     np.testing.assert_array_equal(np.asarray(ours.astype(mx.float32)), reference[key].float().numpy())
+
+
+def test_a_cpu_computes_16_bit_checkpoints_in_float32(checkpoints):
+    """MLX's CPU backend emulates half precision (about 10x slower); the weights' values are kept."""
+    path = checkpoints("v2-bin-bf16", "v2", fmt="bin", dtype="bfloat16")
+    stored, _ = load(str(path), dtype=mx.bfloat16)
+    model, _ = load(str(path))
+    assert mx.default_device() == mx.cpu
+    for (key, ours), (_, kept) in zip(tree_flatten(model.parameters()), tree_flatten(stored.parameters())):
+        assert ours.dtype == mx.float32, key
+        np.testing.assert_array_equal(np.asarray(ours), np.asarray(kept.astype(mx.float32)))
 
 
 def _copy(path, tmp_path):
