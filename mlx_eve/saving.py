@@ -17,6 +17,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from .errors import EVEError
+from .loading import HUB_REPO_ID
 from .shard_writer import ShardWriter, TensorSpec, plan_shards, shard_names
 
 MAX_SHARD_BYTES = 5 * 2**30
@@ -90,11 +91,13 @@ def write_config(folder: Path, config: dict, quantization: Optional[dict] = None
 
 
 def write_model_card(folder: Path, base_model: str, command: str, precision: str) -> None:
+    on_hub = not Path(base_model).exists() and HUB_REPO_ID.match(base_model)
+    source = f"[{base_model}](https://huggingface.co/{base_model})" if on_hub else f"`{base_model}`"
+    base = f"base_model: {base_model}\n" if on_hub else ""
     (folder / "README.md").write_text(
         f"""---
 library_name: mlx
-base_model: {base_model}
-pipeline_tag: image-text-to-text
+{base}pipeline_tag: image-text-to-text
 tags:
 - mlx
 - eve
@@ -103,7 +106,7 @@ tags:
 
 # {Path(str(base_model)).name} ({precision}, MLX)
 
-An EVE vision-language model from [{base_model}](https://huggingface.co/{base_model}) for
+An EVE vision-language model from {source} for
 [MLX](https://github.com/ml-explore/mlx), made with mlx-eve by:
 
 ```bash

@@ -15,7 +15,7 @@ import mlx_eve.convert as convert_module
 from mlx_eve import load, stream_generate
 from mlx_eve.convert import ConvertError, convert
 from mlx_eve.errors import CheckpointError
-from mlx_eve.saving import OutputExistsError
+from mlx_eve.saving import OutputExistsError, write_model_card
 from mlx_eve.shard_writer import ShardWriter
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -138,7 +138,13 @@ def test_output_layout_and_model_card(sources, tmp_path, monkeypatch):
     for name in ["config.json", "tokenizer.model", "tokenizer_config.json", "generation_config.json", "preprocessor_config.json", "README.md"]:
         assert (out / name).exists(), name
     card = (out / "README.md").read_text()
-    assert "library_name: mlx" in card and f"base_model: {sources['v1-bin']}" in card and "python convert.py --hf-path x" in card
+    assert "library_name: mlx" in card and "python convert.py --hf-path x" in card
+    # A local source is named, not linked or declared as the hub's base_model; a repo id is both.
+    assert f"`{sources['v1-bin']}`" in card and "base_model:" not in card and "huggingface.co" not in card
+    write_model_card(tmp_path, "BAAI/EVE-7B-HD-v1.0", "python convert.py", "4-bit")
+    card = (tmp_path / "README.md").read_text()
+    assert "base_model: BAAI/EVE-7B-HD-v1.0\n" in card and "(https://huggingface.co/BAAI/EVE-7B-HD-v1.0)" in card
+    (tmp_path / "README.md").unlink()
     assert json.loads((out / "preprocessor_config.json").read_text())["image_size"] == 672
     assert not any(p.name.startswith(".") for p in tmp_path.iterdir())
 
