@@ -1,6 +1,7 @@
 """Ask a question about an image from Python, then a follow-up, streaming the answers.
 
-    python examples/ask.py --model BAAI/EVE-7B-HD-v2.0 --image photo.jpg
+    python examples/ask.py   # the bundled demo model and image
+    python examples/ask.py --model BAAI/EVE-7B-HD-v2.0 --image photo.jpg -q "What is this?" -f "Why?"
 """
 
 import argparse
@@ -11,11 +12,13 @@ from mlx_eve.generate import BUNDLED_MODEL
 parser = argparse.ArgumentParser()
 parser.add_argument("--model", default=str(BUNDLED_MODEL))
 parser.add_argument("--image", default="examples/images/shapes.png")
+parser.add_argument("-q", "--question", default="How many shapes are there?")
+parser.add_argument("-f", "--follow-up", default="What colour is the circle?")
 args = parser.parse_args()
 
 model, processor = load(args.model)
-conversation = [{"role": "user", "content": "What shapes are in the picture?"}]
-for follow_up in ["Which one is on the right?", None]:
+conversation = [{"role": "user", "content": args.question}]
+for follow_up in [args.follow_up, None]:
     answer = ""
     for response in stream_generate(model, processor, conversation, image=args.image, max_tokens=64):
         print(response.text, end="", flush=True)

@@ -32,7 +32,8 @@ if TYPE_CHECKING:
 INSTALL_HINT = "The chat app needs Gradio: pip install 'mlx-eve[app]'"
 EXAMPLE_IMAGES = Path(__file__).resolve().parent.parent / "examples" / "images"
 EXAMPLE_QUESTIONS = {
-    "shapes.png": ["What shapes are in the picture?", "What colour is the circle?", "Which shape is at the bottom?"],
+    # What the bundled demo model (trained on examples/shapes) was taught to answer.
+    "shapes.png": ["How many shapes are there?", "What colour is the circle?", "What shape is the blue object?"],
 }
 TEXT_EXAMPLE = "Hello! What can you help me with?"
 # Asked when an image is sent without a question.

@@ -20,7 +20,7 @@ from .models.base import EVEModel
 from .processor import ModelInputs, Processor, Prompt
 
 # The small model shipped in this repository, used when no --model is given.
-BUNDLED_MODEL = Path(__file__).resolve().parent.parent / "examples" / "models" / "eve-v2-tiny-random"
+BUNDLED_MODEL = Path(__file__).resolve().parent.parent / "examples" / "models" / "eve-shapes"
 
 
 @dataclass

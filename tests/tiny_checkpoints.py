@@ -4,7 +4,7 @@ Config fields, weight names (PyTorch conv layout, training-only extras included)
 tokenizer for EVEv1 and a byte-level BPE tokenizer for EVEv2, generation and preprocessor configs; weights
 as sharded ``.safetensors`` or sharded ``pytorch_model-*.bin``. Run as a script to write one:
 
-    python tests/tiny_checkpoints.py v2 examples/models/eve-v2-tiny-random --max-size 448
+    python tests/tiny_checkpoints.py v2 /tmp/eve-v2-tiny-random --max-size 448
 """
 
 import argparse

@@ -1,0 +1,65 @@
+"""The bundled demo model (examples/models/eve-shapes, trained by examples/shapes/train.py) gives right
+answers: the README's first command about the bundled image, and questions about images drawn afresh."""
+
+import importlib.util
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mlx_eve import generate, load
+from mlx_eve.generate import BUNDLED_MODEL
+
+ROOT = Path(__file__).resolve().parent.parent
+IMAGE = ROOT / "examples" / "images" / "shapes.png"
+
+# examples/images/shapes.png, as drawn: a red circle top left, a blue square top right, a green triangle
+# at the bottom in the middle. Each question with the answer words its type takes, and the right one.
+FACTS = {
+    "How many shapes are there?": ({"1", "2", "3", "4"}, "3"),
+    "What colour is the circle?": ({"red", "green", "blue", "yellow", "purple"}, "red"),
+    "What colour is the triangle?": ({"red", "green", "blue", "yellow", "purple"}, "green"),
+    "What shape is the blue object?": ({"circle", "square", "triangle"}, "square"),
+    "What shape is the green object?": ({"circle", "square", "triangle"}, "triangle"),
+    "Is the red circle on the left or on the right?": ({"left", "right"}, "left"),
+    "Is the blue square on the left or on the right?": ({"left", "right"}, "right"),
+}
+
+
+@pytest.fixture(scope="module")
+def demo_model():
+    return load(str(BUNDLED_MODEL))
+
+
+def readme_first_command() -> list:
+    """The arguments of ``python generate.py`` in the README's first command."""
+    line = next(l for l in (ROOT / "README.md").read_text().splitlines() if "python generate.py" in l)
+    return shlex.split(line.split("python generate.py", 1)[1])
+
+
+def test_readme_first_command_answers_correctly():
+    args = readme_first_command()
+    question = args[args.index("-p") + 1]
+    out = subprocess.run([sys.executable, "generate.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split("==========")[0].strip() == FACTS[question][1], out.stdout
+
+
+@pytest.mark.parametrize("question", list(FACTS))
+def test_answers_are_words_of_the_right_kind(demo_model, question):
+    """Right or wrong (see the model card for its accuracy), an answer is one of the words its question takes."""
+    assert generate(*demo_model, question, image=IMAGE, max_tokens=8).strip() in FACTS[question][0]
+
+
+def test_held_out_accuracy_on_images_drawn_afresh(demo_model, tmp_path):
+    """A seed the training script never used; the threshold is well below the model's measured accuracy on
+    its 1000-image test split (see examples/models/eve-shapes/README.md), to catch a broken model or pipeline."""
+    spec = importlib.util.spec_from_file_location("shapes_evaluate", ROOT / "examples" / "shapes" / "evaluate.py")
+    shapes_eval = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(shapes_eval)
+    make = [sys.executable, str(ROOT / "examples" / "shapes" / "make_dataset.py"), "--out", str(tmp_path)]
+    subprocess.run([*make, "--train", "4", "--valid", "4", "--test", "80", "--seed", "2026", "--workers", "1"], check=True)
+    result = shapes_eval.evaluate(*demo_model, shapes_eval.load_samples(tmp_path / "test.jsonl"), tmp_path)
+    assert result["accuracy"] >= 0.4, result["by_type"]  # chance: about 0.32
