@@ -189,7 +189,7 @@ def test_ask_about_an_image_then_follow_up(page, demo_model, tmp_path):
 
     model, processor = demo_model
     # The README's question, which the demo model answers correctly (tests/test_demo_model.py).
-    first, follow_up = "What shape is the blue object?", "What colour is the circle?"
+    first, follow_up = "What shape is the blue object?", "Is the red circle on the left or on the right?"
     set_max_tokens(page, MAX_TOKENS)
 
     shown = ask(page, first, IMAGE)
