@@ -38,7 +38,9 @@ QWEN2_SPLIT = (
 
 def run(*command: str) -> None:
     print("+", " ".join(command), flush=True)
-    subprocess.run([sys.executable, *command], check=True, cwd=ROOT)
+    done = subprocess.run([sys.executable, *command], cwd=ROOT)
+    if done.returncode:  # e.g. Ctrl-C during training (checkpoint saved): re-run this script to resume
+        sys.exit(done.returncode)
 
 
 def train_tokenizer(data: Path, out: Path, vocab_size: int) -> int:
@@ -119,7 +121,7 @@ def main() -> None:
     p.add_argument("--train-samples", type=int, default=20000)
     p.add_argument("--train-turns", type=int, default=4, help="Questions asked about each training image.")
     p.add_argument("--iters", type=int, default=3000)
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--learning-rate", type=float, default=1e-3)
     p.add_argument("--hidden-size", type=int, default=256)
     p.add_argument("--intermediate-size", type=int, default=704)
