@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import mlx.core as mx
@@ -298,3 +297,15 @@ def test_gradient_checkpointing_gives_the_same_training(v2_path, dataset, tmp_pa
         runs.append([float(l.split("Train loss ")[1].split(",")[0]) for l in text.splitlines() if "Train loss" in l])
     assert len(runs[0]) == 3
     np.testing.assert_allclose(runs[1], runs[0], atol=1e-4)
+
+
+def test_fuse_writes_a_16_bit_base_back_in_16_bits(v2_path, dataset, tmp_path):
+    """A CPU computes a float16 model in float32 (loading.compute_dtype); the fused model is stored as float16."""
+    from mlx_eve.convert import convert
+    from mlx_eve.fuse import fuse
+
+    fp16 = convert(str(v2_path), tmp_path / "fp16", dtype="float16")
+    assert lora_main(["--model", str(fp16), "--data", str(dataset), "--train", "--iters", "2", "--batch-size", "4", "--adapter-path", str(tmp_path / "a")]) == 0
+    out = fuse(str(fp16), str(tmp_path / "a"), str(tmp_path / "fused"))
+    assert {v.dtype for f in out.glob("*.safetensors") for v in mx.load(str(f)).values()} == {mx.float16}
+    assert json.loads((out / "config.json").read_text())["torch_dtype"] == "float16"

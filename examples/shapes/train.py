@@ -21,7 +21,6 @@ import sys
 from pathlib import Path
 
 import mlx.core as mx
-import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 HERE = Path(__file__).resolve().parent
