@@ -10,6 +10,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
+from .adapters import load_adapters
 from .errors import CheckpointError, MissingDependencyError, ModelNotFoundError
 from .image_processing import load_image_processor
 from .models import model_module
@@ -56,8 +57,6 @@ def load(
     if dtype is not None:
         model.set_dtype(dtype)
     if adapter_path is not None:
-        from mlx_lm.tuner.utils import load_adapters
-
         model = load_adapters(model, adapter_path)
     if not lazy:
         mx.eval(model.parameters())

@@ -18,8 +18,9 @@ import mlx.core as mx
 import mlx.nn as nn
 import yaml
 from mlx.utils import tree_flatten
-from mlx_lm.tuner.utils import linear_to_lora_layers, load_adapters
+from mlx_lm.tuner.utils import linear_to_lora_layers
 
+from .adapters import load_adapters
 from .data import DataError, load_splits
 from .errors import EVEError, run_cli
 from .generate import BUNDLED_MODEL

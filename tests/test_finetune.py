@@ -254,6 +254,26 @@ def test_adapters_load_everywhere_and_fuse(v2_path, dataset, tmp_path, images):
     assert cli.returncode == 0 and "Generation: 3 tokens" in cli.stdout, cli.stderr
 
 
+def test_lora_with_the_patch_embedding_loads_and_fuses_and_foreign_tensors_are_refused(v2_path, dataset, tmp_path):
+    from mlx_eve.errors import CheckpointError
+    from mlx_eve.fuse import fuse
+
+    adapters = tmp_path / "adapters"
+    argv = ["--model", str(v2_path), "--data", str(dataset), "--train", "--iters", "2", "--batch-size", "4", "--learning-rate", "1e-2"]
+    assert lora_main([*argv, "--train-patch-embedding", "--adapter-path", str(adapters)]) == 0
+    saved = mx.load(str(adapters / "adapters.safetensors"))
+    key = "model.vision_tower.patch_embedding.0.weight"
+    base = dict(tree_flatten(load(str(v2_path))[0].parameters()))
+    assert not np.array_equal(np.asarray(saved[key]), np.asarray(base[key]))
+    for model_path in (v2_path, fuse(str(v2_path), str(adapters), str(tmp_path / "fused"))):
+        adapted = dict(tree_flatten(load(str(model_path), adapter_path=None if model_path != v2_path else str(adapters))[0].parameters()))
+        np.testing.assert_array_equal(np.asarray(adapted[key]), np.asarray(saved[key]))
+    saved["model.norm.weight"] = base["model.norm.weight"]
+    mx.save_safetensors(str(adapters / "adapters.safetensors"), saved)
+    with pytest.raises(CheckpointError, match="model.norm.weight: not a parameter these adapters train"):
+        load(str(v2_path), adapter_path=str(adapters))
+
+
 def test_fuse_into_a_quantized_base_warns_and_can_dequantize(v2_path, dataset, tmp_path, capfd):
     from mlx_eve.convert import convert
     from mlx_eve.fuse import fuse
