@@ -74,7 +74,8 @@ def app_url(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("app")
     port = free_port()
     log = open(tmp / "app.log", "w")
-    env = {**os.environ, "GRADIO_TEMP_DIR": str(tmp / "uploads")}
+    # Unbuffered, with faulthandler: if it ever hangs on Ctrl-C, SIGABRT puts every thread's stack in the log.
+    env = {**os.environ, "GRADIO_TEMP_DIR": str(tmp / "uploads"), "PYTHONUNBUFFERED": "1", "PYTHONFAULTHANDLER": "1"}
     server = subprocess.Popen(
         [sys.executable, "app.py", "--port", str(port)], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env
     )
@@ -95,7 +96,13 @@ def app_url(tmp_path_factory):
         yield url
         # Ctrl-C, as a user quits it: the app must shut down cleanly (MLX can abort at exit otherwise).
         server.send_signal(signal.SIGINT)
-        assert server.wait(timeout=30) == 0, (tmp / "app.log").read_text()
+        try:
+            server.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            server.send_signal(signal.SIGABRT)
+            server.wait(timeout=30)
+            pytest.fail(f"app.py did not quit within 60 s of Ctrl-C:\n{(tmp / 'app.log').read_text()}")
+        assert server.returncode == 0, (tmp / "app.log").read_text()
     finally:
         if server.poll() is None:
             server.kill()
