@@ -76,8 +76,10 @@ def app_url(tmp_path_factory):
     log = open(tmp / "app.log", "w")
     # Unbuffered, with faulthandler: if it ever hangs on Ctrl-C, SIGABRT puts every thread's stack in the log.
     env = {**os.environ, "GRADIO_TEMP_DIR": str(tmp / "uploads"), "PYTHONUNBUFFERED": "1", "PYTHONFAULTHANDLER": "1"}
+    # Ctrl-C must reach it even when the tests run as a background job (whose children inherit SIGINT ignored).
     server = subprocess.Popen(
-        [sys.executable, "app.py", "--port", str(port)], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env
+        [sys.executable, "app.py", "--port", str(port)], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     url = f"http://127.0.0.1:{port}/"
     deadline = time.monotonic() + 180
