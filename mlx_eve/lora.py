@@ -18,9 +18,8 @@ import mlx.core as mx
 import mlx.nn as nn
 import yaml
 from mlx.utils import tree_flatten
-from mlx_lm.tuner.utils import linear_to_lora_layers
 
-from .adapters import load_adapters
+from .adapters import load_adapters, make_trainable
 from .data import DataError, load_splits
 from .errors import EVEError, run_cli
 from .generate import BUNDLED_MODEL
@@ -151,19 +150,9 @@ def prepare_model(model: EVEModel, config: dict) -> None:
     mx.random.seed(config["seed"])
     if config["targets"] in ("visual", "both") and model.model_type != "eve-qwen2":
         raise EVEError("Only EVEv2 has a visual (moe_*) branch: use --targets decoder for EVEv1.")
-    model.freeze()
-    if config["fine_tune_type"] == "full":
-        if any(isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)) for _, m in model.named_modules()):
-            raise EVEError("Full fine-tuning needs a floating-point model; use LoRA (QLoRA) on a quantized one.")
-        model.unfreeze()
-    else:
-        # More layers than the model has (e.g. the default 16 on a small model) means all of them.
-        linear_to_lora_layers(model, config["num_layers"], config["lora_parameters"], use_dora=config["fine_tune_type"] == "dora")
-    if config["train_patch_embedding"]:
-        model.model.vision_tower.unfreeze()
-        if "mm_projector" in model.model:
-            for layer in model.model.mm_projector if isinstance(model.model.mm_projector, list) else [model.model.mm_projector]:
-                layer.unfreeze()
+    if config["fine_tune_type"] == "full" and any(isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)) for _, m in model.named_modules()):
+        raise EVEError("Full fine-tuning needs a floating-point model; use LoRA (QLoRA) on a quantized one.")
+    make_trainable(model, config)
 
 
 def grad_checkpoint(model: EVEModel) -> None:
