@@ -2,18 +2,21 @@
 
 import json
 from pathlib import Path
-from typing import Union
+from typing import List, Union
 
 import mlx.core as mx
+import mlx.nn as nn
 from mlx.utils import tree_flatten
 from mlx_lm.tuner.utils import linear_to_lora_layers
 
 from .errors import CheckpointError
 from .models.base import EVEModel
 
+
 def make_trainable(model: EVEModel, config: dict) -> None:
-    """Freeze the model and leave trainable exactly what the adapters of ``config`` train (new LoRA/DoRA
-    layers, or everything for full fine-tuning, plus the patch embedding with ``train_patch_embedding``)."""
+    """Freeze the model and leave trainable exactly what the adapters of ``config`` train: new LoRA/DoRA
+    layers, plus the patch embedding with ``train_patch_embedding``; or, for full fine-tuning, everything
+    (the patch embedding too unless ``freeze_patch_embedding``)."""
     model.freeze()
     fine_tune_type = config.get("fine_tune_type", "lora")
     if fine_tune_type == "full":
@@ -21,11 +24,17 @@ def make_trainable(model: EVEModel, config: dict) -> None:
     else:
         # More layers than the model has (e.g. the default 16 on a small model) means all of them.
         linear_to_lora_layers(model, config["num_layers"], config["lora_parameters"], use_dora=fine_tune_type == "dora")
-    if config.get("train_patch_embedding"):
-        model.model.vision_tower.unfreeze()
-        if "mm_projector" in model.model:
-            for layer in model.model.mm_projector if isinstance(model.model.mm_projector, list) else [model.model.mm_projector]:
-                layer.unfreeze()
+    for module in _patch_embedding(model):
+        if config.get("train_patch_embedding"):
+            module.unfreeze()
+        elif config.get("freeze_patch_embedding"):
+            module.freeze()
+
+
+def _patch_embedding(model: EVEModel) -> List[nn.Module]:
+    """The layers that turn pixels into embeddings: the patch embedding, and EVEv1's projector after it."""
+    projector = model.model.get("mm_projector", [])
+    return [model.model.vision_tower, *(projector if isinstance(projector, list) else [projector])]
 
 
 def load_adapters(model: EVEModel, adapter_path: Union[str, Path]) -> EVEModel:

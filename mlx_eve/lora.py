@@ -46,6 +46,7 @@ DEFAULTS = {
     "fine_tune_type": "lora",
     "targets": None,  # v2: both, v1: decoder
     "train_patch_embedding": False,
+    "freeze_patch_embedding": False,
     "num_layers": 16,
     "lora_rank": 8,
     "lora_scale": 20.0,
@@ -73,7 +74,7 @@ DEFAULTS = {
     "seed": 0,
 }
 # What must match between a run and the checkpoint it resumes.
-STRUCTURE = ["fine_tune_type", "targets", "train_patch_embedding", "num_layers", "lora_rank", "lora_scale", "model"]
+STRUCTURE = ["fine_tune_type", "targets", "train_patch_embedding", "freeze_patch_embedding", "num_layers", "lora_rank", "lora_scale", "model"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -87,6 +88,12 @@ def build_parser() -> argparse.ArgumentParser:
     add("--fine-tune-type", choices=["lora", "dora", "full"], help="lora (default), dora or full.")
     add("--targets", choices=["text", "visual", "both", "decoder"], help="LoRA on EVEv2's text, visual (moe_*) or both branches (default both; EVEv1: decoder).")
     add("--train-patch-embedding", action="store_true", default=None, help="Also train the patch embedding layer fully.")
+    add(
+        "--freeze-patch-embedding",
+        action="store_true",
+        default=None,
+        help="Full fine-tuning: keep the patch embedding as it is (training from scratch: a random one is steadier).",
+    )
     add("--num-layers", type=int, help="Adapt the last N decoder layers (-1: all; default 16).")
     add("--lora-rank", type=int, help="LoRA rank (default 8).")
     add("--lora-scale", type=float, help="LoRA scale (default 20).")
@@ -152,6 +159,8 @@ def prepare_model(model: EVEModel, config: dict) -> None:
         raise EVEError("Only EVEv2 has a visual (moe_*) branch: use --targets decoder for EVEv1.")
     if config["fine_tune_type"] == "full" and any(isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)) for _, m in model.named_modules()):
         raise EVEError("Full fine-tuning needs a floating-point model; use LoRA (QLoRA) on a quantized one.")
+    if config.get("freeze_patch_embedding") and (config["fine_tune_type"] != "full" or config["train_patch_embedding"]):
+        raise EVEError("--freeze-patch-embedding goes with --fine-tune-type full, and not with --train-patch-embedding.")
     make_trainable(model, config)
 
 

@@ -274,6 +274,22 @@ def test_lora_with_the_patch_embedding_loads_and_fuses_and_foreign_tensors_are_r
         load(str(v2_path), adapter_path=str(adapters))
 
 
+def test_full_training_with_a_frozen_patch_embedding_keeps_it_and_loads_back(v2_path, dataset, tmp_path):
+    adapters = tmp_path / "adapters"
+    argv = ["--model", str(v2_path), "--data", str(dataset), "--train", "--iters", "2", "--batch-size", "4", "--learning-rate", "1e-2"]
+    assert lora_main([*argv, "--fine-tune-type", "full", "--freeze-patch-embedding", "--adapter-path", str(adapters)]) == 0
+    saved = mx.load(str(adapters / "adapters.safetensors"))
+    base = dict(tree_flatten(load(str(v2_path))[0].parameters()))
+    assert not [k for k in saved if "vision_tower" in k]
+    assert set(saved) == {k for k in base if "vision_tower" not in k}
+    assert not np.array_equal(np.asarray(saved["model.norm.weight"]), np.asarray(base["model.norm.weight"]))
+    adapted = dict(tree_flatten(load(str(v2_path), adapter_path=str(adapters))[0].parameters()))
+    for k, v in base.items():
+        np.testing.assert_array_equal(np.asarray(adapted[k]), np.asarray(saved[k] if k in saved else v))
+    for wrong in (["--freeze-patch-embedding"], ["--fine-tune-type", "full", "--freeze-patch-embedding", "--train-patch-embedding"]):
+        assert lora_main([*argv, *wrong, "--adapter-path", str(tmp_path / "x")]) != 0
+
+
 def test_fuse_into_a_quantized_base_warns_and_can_dequantize(v2_path, dataset, tmp_path, capfd):
     from mlx_eve.convert import convert
     from mlx_eve.fuse import fuse
