@@ -72,7 +72,8 @@ def _regions(mask: np.ndarray):
 def _read_objects(path: Path):
     """The shapes in a saved image, recovered from its pixels alone."""
     pixels = np.asarray(Image.open(path).convert("RGB")).astype(int)
-    assert pixels.min(axis=2).min() < 150 <= np.median(pixels.min(axis=2)), "background should be light"
+    border = np.concatenate([pixels[0], pixels[:, 0]])  # shapes keep off the top row and left column
+    assert pixels.min(axis=2).min() < 150 <= border.min(), "background should be light"
     short = min(pixels.shape[:2])
     objects = []
     for region in _regions(pixels.min(axis=2) < 150):
@@ -91,6 +92,7 @@ def _read_objects(path: Path):
                 "colour": colour,
                 "size": "big" if width >= 0.33 * short else "small",
                 "x": (xs.min() + xs.max()) / 2,
+                "width": width,
             }
         )
     return pixels.shape[1], objects
@@ -153,6 +155,25 @@ def test_answers_agree_with_the_pixels(dataset):
                 checked[kind] += 1
             assert kind == s["question_type"]
     assert set(checked) == set(VOCABULARY)
+
+
+def test_close_ups_show_one_filling_shape_in_training_only(tmp_path):
+    root = _generate(tmp_path / "close", "--seed", "5", "--tasks", ",".join(VOCABULARY), "--train-turns", "2", "--close-ups", "0.5")
+    widest = {}
+    for split, samples in _samples(root).items():
+        widest[split] = []
+        for s in samples:
+            width, objects = _read_objects(root / s["image"])
+            turns = s["conversations"]
+            for question, answer in zip(turns[::2], turns[1::2], strict=True):
+                kind, expected = _answer_from_pixels(question["value"].replace("<image>\n", ""), objects, width)
+                assert answer["value"] == expected, f"{s['image']}: {question['value']!r} → {answer['value']!r}"
+            assert kind == s["question_type"]
+            short = min(Image.open(root / s["image"]).size)
+            widest[split].append(max(o["width"] for o in objects) / short if len(objects) == 1 else 0)
+    close_ups = sum(w >= 0.59 for w in widest["train"])
+    assert 10 <= close_ups <= 30, close_ups
+    assert max(widest["valid"] + widest["test"]) < 0.5
 
 
 def test_generation_is_deterministic_and_splits_hold_different_images(dataset, tmp_path):

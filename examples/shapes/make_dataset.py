@@ -37,6 +37,8 @@ COLOUR_JITTER = 12
 SHAPES = ("circle", "square", "triangle")
 # Side length (bounding-box width) as a fraction of the image's shorter side.
 SIZES = {"big": (0.35, 0.45), "small": (0.12, 0.18)}
+# Close-ups (training only, see --close-ups): one "big" shape filling this fraction of the shorter side.
+CLOSE_UP = (0.6, 0.9)
 MAX_SHAPES = 4
 TASKS = ("colour", "shape", "count", "position", "size")
 ANSWERS: Dict[str, Tuple[str, ...]] = {
@@ -121,6 +123,18 @@ def random_scene(rng: np.random.Generator, image_size: Tuple[int, int], count: i
         else:
             return None
     return Scene(width, height, tuple(shapes))
+
+
+def close_up(rng: np.random.Generator, image_size: Tuple[int, int]) -> Scene:
+    """One shape filling most of the image, at a random place."""
+    width, height = (int(v) for v in rng.integers(image_size[0], image_size[1] + 1, size=2))
+    kind = SHAPES[rng.integers(len(SHAPES))]
+    colour = ANSWERS["colour"][rng.integers(len(COLOURS))]
+    side = round(min(width, height) * rng.uniform(*CLOSE_UP))
+    box_height = round(side * math.sqrt(3) / 2) if kind == "triangle" else side
+    left = int(rng.integers(1, width - side))
+    top = int(rng.integers(1, height - box_height))
+    return Scene(width, height, (Shape(kind, colour, "big", (left, top, left + side - 1, top + box_height - 1)),))
 
 
 def _apart(a: Sequence[int], b: Sequence[int], gap: int) -> bool:
@@ -216,6 +230,7 @@ def make_record(
     image_size: Tuple[int, int],
     fmt: str,
     turns: int = 1,
+    close_ups: float = 0.0,
 ) -> dict:
     # The type and answer of sample i cycle through all combinations, so both are balanced exactly.
     task = tasks[index % len(tasks)]
@@ -223,7 +238,13 @@ def make_record(
     answer = answers[(index // len(tasks)) % len(answers)]
     # Every sample has its own random stream: results do not depend on the number of samples or workers.
     rng = np.random.default_rng([seed, SPLITS.index(split), index])
-    scene, qas = make_sample(rng, task, answer, tasks, image_size, turns)
+    if np.random.default_rng([seed, SPLITS.index(split), index, 1]).random() < close_ups:
+        scene = close_up(rng, image_size)
+        typed = [(t, qa) for t in tasks for qa in questions(scene, t, rng)]
+        typed = [typed[i] for i in rng.permutation(len(typed))[:turns]]
+        task, qas = typed[-1][0], [qa for _, qa in typed]
+    else:
+        scene, qas = make_sample(rng, task, answer, tasks, image_size, turns)
     name = f"{split}-{index:06d}"
     image = f"images/{name}.png"
     render(scene, rng).save(out / image, compress_level=1)
@@ -247,11 +268,13 @@ def write_split(
     fmt: str = "llava",
     workers: int = 1,
     turns: int = 1,
+    close_ups: float = 0.0,
 ) -> Path:
     """Write ``count`` samples of ``split`` (images and ``<split>.jsonl``, in shuffled order) into ``out``."""
     (out / "images").mkdir(parents=True, exist_ok=True)
     make = partial(
-        make_record, split=split, out=out, seed=seed, tasks=tuple(tasks), image_size=image_size, fmt=fmt, turns=turns
+        make_record, split=split, out=out, seed=seed, tasks=tuple(tasks), image_size=image_size, fmt=fmt, turns=turns,
+        close_ups=close_ups,
     )
     if workers > 1:
         with Pool(workers) as pool:
@@ -290,6 +313,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=1,
         help="Questions per training image: more supervision per image (valid/test keep one scored question).",
     )
+    p.add_argument(
+        "--close-ups",
+        type=float,
+        default=0.0,
+        help="Fraction of training images showing one shape that fills most of the image: they teach a model "
+        "trained from scratch where colour and shape are, before it must find them among several shapes.",
+    )
     return p
 
 
@@ -315,6 +345,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             fmt=args.format,
             workers=args.workers,
             turns=args.train_turns if split == "train" else 1,
+            close_ups=args.close_ups if split == "train" else 0.0,
         )
         seconds = time.perf_counter() - start
         print(f"{path}: {count} samples in {seconds:.1f} s ({count / max(seconds, 1e-9):.0f} images/s)")
