@@ -119,6 +119,9 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=ROOT / "examples" / "models" / "eve-shapes", help="The finished model.")
     p.add_argument("--train-samples", type=int, default=20000)
     p.add_argument("--train-turns", type=int, default=4, help="Questions asked about each training image.")
+    p.add_argument(
+        "--close-ups", type=float, default=0.0, help="Fraction of training images showing one shape up close."
+    )
     p.add_argument("--iters", type=int, default=3000)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--learning-rate", type=float, default=1e-3)
@@ -137,6 +140,7 @@ def main() -> None:
         run(
             str(HERE / "make_dataset.py"), "--out", str(data), "--train", str(args.train_samples), "--valid", "500",
             "--test", "1000", "--seed", str(args.seed), "--train-turns", str(args.train_turns),
+            "--close-ups", str(args.close_ups),
         )
     if not (init / "config.json").exists():
         initial_checkpoint(init, data, args)
