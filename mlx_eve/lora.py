@@ -92,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--freeze-patch-embedding",
         action="store_true",
         default=None,
-        help="Full fine-tuning: keep the patch embedding as it is (training from scratch: a random one is steadier).",
+        help="Full fine-tuning: keep the patch embedding (and EVEv1's projector) as it is.",
     )
     add("--num-layers", type=int, help="Adapt the last N decoder layers (-1: all; default 16).")
     add("--lora-rank", type=int, help="LoRA rank (default 8).")

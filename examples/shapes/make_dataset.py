@@ -112,11 +112,8 @@ def random_scene(rng: np.random.Generator, image_size: Tuple[int, int], count: i
         colour = ANSWERS["colour"][rng.integers(len(COLOURS))]
         size = "big" if rng.random() < 0.5 else "small"
         side = round(short * rng.uniform(*SIZES[size]))
-        box_height = round(side * math.sqrt(3) / 2) if kind == "triangle" else side
         for _ in range(30):
-            left = int(rng.integers(1, width - side))
-            top = int(rng.integers(1, height - box_height))
-            box = (left, top, left + side - 1, top + box_height - 1)
+            box = _random_box(rng, kind, side, width, height)
             if all(_apart(box, other.box, gap) for other in shapes):
                 shapes.append(Shape(kind, colour, size, box))
                 break
@@ -131,10 +128,15 @@ def close_up(rng: np.random.Generator, image_size: Tuple[int, int]) -> Scene:
     kind = SHAPES[rng.integers(len(SHAPES))]
     colour = ANSWERS["colour"][rng.integers(len(COLOURS))]
     side = round(min(width, height) * rng.uniform(*CLOSE_UP))
+    return Scene(width, height, (Shape(kind, colour, "big", _random_box(rng, kind, side, width, height)),))
+
+
+def _random_box(rng: np.random.Generator, kind: str, side: int, width: int, height: int) -> Tuple[int, int, int, int]:
+    """A random place for a shape ``side`` pixels wide (triangles are equilateral, so less tall), off the border."""
     box_height = round(side * math.sqrt(3) / 2) if kind == "triangle" else side
     left = int(rng.integers(1, width - side))
     top = int(rng.integers(1, height - box_height))
-    return Scene(width, height, (Shape(kind, colour, "big", (left, top, left + side - 1, top + box_height - 1)),))
+    return left, top, left + side - 1, top + box_height - 1
 
 
 def _apart(a: Sequence[int], b: Sequence[int], gap: int) -> bool:
@@ -317,8 +319,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--close-ups",
         type=float,
         default=0.0,
-        help="Fraction of training images showing one shape that fills most of the image: they teach a model "
-        "trained from scratch where colour and shape are, before it must find them among several shapes.",
+        help="Fraction of training images showing one shape that fills most of the image (a curriculum aid for "
+        "training from scratch; validation and test images never are).",
     )
     return p
 
