@@ -31,10 +31,18 @@ def make_trainable(model: EVEModel, config: dict) -> None:
             module.freeze()
 
 
+# The layers that turn pixels into embeddings: the patch embedding, and EVEv1's projector after it.
+PATCH_EMBEDDING = ("vision_tower", "mm_projector")
+
+
 def _patch_embedding(model: EVEModel) -> List[nn.Module]:
-    """The layers that turn pixels into embeddings: the patch embedding, and EVEv1's projector after it."""
-    projector = model.model.get("mm_projector", [])
-    return [model.model.vision_tower, *(projector if isinstance(projector, list) else [projector])]
+    modules = [model.model.get(name, []) for name in PATCH_EMBEDDING]
+    return [m for module in modules for m in (module if isinstance(module, list) else [module])]
+
+
+def is_patch_embedding(path: str) -> bool:
+    """Whether a parameter path such as ``model.vision_tower.patch_embedding.0.weight`` belongs to it."""
+    return path.split(".")[:2] in (["model", name] for name in PATCH_EMBEDDING)
 
 
 def load_adapters(model: EVEModel, adapter_path: Union[str, Path]) -> EVEModel:

@@ -54,6 +54,7 @@ DEFAULTS = {
     "batch_size": 4,
     "iters": 1000,
     "learning_rate": 1e-5,
+    "patch_embedding_lr_scale": 1.0,
     "lr_schedule": "constant",
     "warmup": 0,
     "optimizer": "adam",
@@ -101,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--batch-size", type=int, help="Global batch size (default 4).")
     add("--iters", type=int, help="Training steps (default 1000).")
     add("--learning-rate", type=float, help="Peak learning rate (default 1e-5).")
+    add("--patch-embedding-lr-scale", type=float, help="The patch embedding's learning rate relative to the rest (default 1).")
     add("--lr-schedule", choices=["constant", "cosine", "linear"], help="After warm-up: constant, or decay to 10%% (cosine/linear).")
     add("--warmup", type=int, help="Linear warm-up steps (default 0).")
     add("--optimizer", choices=["adam", "adamw"], help="adam (default) or adamw.")
@@ -161,6 +163,9 @@ def prepare_model(model: EVEModel, config: dict) -> None:
         raise EVEError("Full fine-tuning needs a floating-point model; use LoRA (QLoRA) on a quantized one.")
     if config.get("freeze_patch_embedding") and (config["fine_tune_type"] != "full" or config["train_patch_embedding"]):
         raise EVEError("--freeze-patch-embedding goes with --fine-tune-type full, and not with --train-patch-embedding.")
+    trains_patch_embedding = config["train_patch_embedding"] or (config["fine_tune_type"] == "full" and not config.get("freeze_patch_embedding"))
+    if config.get("patch_embedding_lr_scale", 1.0) != 1.0 and not trains_patch_embedding:
+        raise EVEError("--patch-embedding-lr-scale needs a trained patch embedding (--train-patch-embedding or full fine-tuning).")
     make_trainable(model, config)
 
 

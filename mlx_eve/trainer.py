@@ -21,6 +21,7 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
+from .adapters import is_patch_embedding
 from .data import Sample
 from .errors import EVEError
 from .image import load_image
@@ -39,6 +40,7 @@ class TrainingArgs:
     batch_size: int = 4
     iters: int = 1000
     learning_rate: float = 1e-5
+    patch_embedding_lr_scale: float = 1.0  # its learning rate relative to the rest
     lr_schedule: str = "constant"  # constant | cosine | linear (decay to 10% of the peak)
     warmup: int = 0
     optimizer: str = "adam"  # adam | adamw
@@ -131,11 +133,21 @@ def learning_rate_schedule(args: TrainingArgs):
 
 
 def make_optimizer(args: TrainingArgs) -> optim.Optimizer:
-    lr = learning_rate_schedule(args)
+    """The optimizer for every trainable weight; with ``patch_embedding_lr_scale`` != 1 the patch embedding
+    gets its own, on the same schedule scaled (its output norm grows fast at the decoder's rate)."""
+    schedule = learning_rate_schedule(args)
+    if args.patch_embedding_lr_scale == 1.0:
+        return _optimizer(args, schedule)
+    scale = args.patch_embedding_lr_scale
+    patch_embedding = _optimizer(args, lambda step: scale * schedule(step))
+    return optim.MultiOptimizer([_optimizer(args, schedule), patch_embedding], [lambda path, _: not is_patch_embedding(path)])
+
+
+def _optimizer(args: TrainingArgs, learning_rate) -> optim.Optimizer:
     if args.optimizer == "adam":
-        return optim.Adam(learning_rate=lr)
+        return optim.Adam(learning_rate=learning_rate)
     if args.optimizer == "adamw":
-        return optim.AdamW(learning_rate=lr, weight_decay=args.weight_decay)
+        return optim.AdamW(learning_rate=learning_rate, weight_decay=args.weight_decay)
     raise TrainingError(f"Unknown --optimizer {args.optimizer!r}: use adam or adamw.")
 
 

@@ -172,15 +172,32 @@ def test_qlora_on_a_4bit_conversion_and_full_training(v2_path, dataset, tmp_path
     assert "model.vision_tower.patch_embedding.0.weight" not in unchanged
 
 
-def test_resume_continues_exactly(v2_path, dataset, tmp_path):
-    argv = ["--lora-dropout", "0.1"]  # dropout draws random numbers: the random state must be restored too
+def test_patch_embedding_learning_rate_scale(v2_path, dataset, tmp_path):
+    """MLX's Adam (no bias correction) first moves a weight by lr * (1 - b1) g / sqrt((1 - b2) g^2) = 3.162 lr."""
+    model, processor = _lora(v2_path, "both", fine_tune_type="full", argv=["--train-patch-embedding"])
+    before = {k: np.asarray(v) for k, v in tree_flatten(model.parameters())}
+    _train(model, processor, dataset, tmp_path / "run", iters=1, learning_rate=1e-3, patch_embedding_lr_scale=0.1)
+    step = {k: np.abs(np.asarray(v) - before[k]).max() for k, v in tree_flatten(model.parameters())}
+    patch = [v for k, v in step.items() if k.startswith("model.vision_tower.")]
+    rest = [v for k, v in step.items() if not k.startswith("model.vision_tower.")]
+    assert patch and rest
+    first_step = 0.1 / np.sqrt(0.001)
+    np.testing.assert_allclose(max(patch), 1e-4 * first_step, rtol=1e-3)
+    np.testing.assert_allclose(max(rest), 1e-3 * first_step, rtol=1e-3)
+
+
+@pytest.mark.parametrize("patch_embedding_lr_scale", [1.0, 0.1])
+def test_resume_continues_exactly(v2_path, dataset, tmp_path, patch_embedding_lr_scale):
+    # dropout draws random numbers: the random state must be restored too; a separate learning rate
+    # for the patch embedding means two optimizer states to restore.
+    argv = ["--lora-dropout", "0.1", "--train-patch-embedding"]
     straight, processor = _lora(v2_path, "both", argv=argv)
-    _train(straight, processor, dataset, tmp_path / "straight", iters=10, save_every=5)
+    _train(straight, processor, dataset, tmp_path / "straight", iters=10, save_every=5, patch_embedding_lr_scale=patch_embedding_lr_scale)
     first, processor = _lora(v2_path, "both", argv=argv)
-    _train(first, processor, dataset, tmp_path / "split", iters=5, save_every=5)
+    _train(first, processor, dataset, tmp_path / "split", iters=5, save_every=5, patch_embedding_lr_scale=patch_embedding_lr_scale)
     second, processor = _lora(v2_path, "both", argv=argv)
     splits = load_splits(dataset, processor, 4096)
-    args = TrainingArgs(batch_size=4, iters=10, learning_rate=1e-3, steps_per_report=5, steps_per_eval=100, save_every=5)
+    args = TrainingArgs(batch_size=4, iters=10, learning_rate=1e-3, steps_per_report=5, steps_per_eval=100, save_every=5, patch_embedding_lr_scale=patch_embedding_lr_scale)
     train(second, processor.image_processor, splits["train"], splits["valid"], args, tmp_path / "split", resume=True, report=lambda m: None)
     a = mx.load(str(tmp_path / "straight" / "adapters.safetensors"))
     b = mx.load(str(tmp_path / "split" / "adapters.safetensors"))
@@ -286,7 +303,12 @@ def test_full_training_with_a_frozen_patch_embedding_keeps_it_and_loads_back(v2_
     adapted = dict(tree_flatten(load(str(v2_path), adapter_path=str(adapters))[0].parameters()))
     for k, v in base.items():
         np.testing.assert_array_equal(np.asarray(adapted[k]), np.asarray(saved[k] if k in saved else v))
-    for wrong in (["--freeze-patch-embedding"], ["--fine-tune-type", "full", "--freeze-patch-embedding", "--train-patch-embedding"]):
+    for wrong in (
+        ["--freeze-patch-embedding"],
+        ["--fine-tune-type", "full", "--freeze-patch-embedding", "--train-patch-embedding"],
+        ["--fine-tune-type", "full", "--freeze-patch-embedding", "--patch-embedding-lr-scale", "0.1"],
+        ["--patch-embedding-lr-scale", "0.1"],  # LoRA leaves the patch embedding as it is
+    ):
         assert lora_main([*argv, *wrong, "--adapter-path", str(tmp_path / "x")]) != 0
 
 
