@@ -1,6 +1,7 @@
 """examples/shapes: the generated answers agree with the saved pixels, and the evaluator scores correctly."""
 
 import hashlib
+import json
 import importlib.util
 from collections import Counter
 from pathlib import Path
@@ -241,3 +242,22 @@ def test_evaluate_scores_a_model_that_always_says_red(dataset, monkeypatch):
     assert result["accuracy"] == pytest.approx(sum(red.values()) / len(samples))
     assert len(result["wrong"]) == len(samples) - sum(red.values())
     assert {w["answer"] for w in result["wrong"]} == {"red"}
+
+
+def test_training_continues_at_a_new_resolution(tmp_path):
+    """train.py --init MODEL --max-size N trains a copy of MODEL that reads images at N; MODEL stays as it was."""
+    from mlx_eve import load
+    from mlx_eve.generate import BUNDLED_MODEL
+
+    train = _import("train")
+    stored = json.loads((BUNDLED_MODEL / "preprocessor_config.json").read_text())["max_size"]
+    assert train.at_resolution(BUNDLED_MODEL, stored, tmp_path / "same") == BUNDLED_MODEL
+    assert not (tmp_path / "same").exists()
+
+    copy = train.at_resolution(BUNDLED_MODEL, 320, tmp_path / "init")
+    assert copy == tmp_path / "init" and not (tmp_path / "init.partial").exists()
+    # 300x150 at about 320² pixels: scale sqrt(45000)/320 = 0.663, sides 452.5 and 226.3 rounded up to 32s.
+    assert load(str(copy))[1].image_processor.target_size(300, 150) == (480, 256)
+    assert json.loads((copy / "config.json").read_text())["mm_vision_tower"].endswith("-res320-patch16")
+    assert (copy / "model.safetensors").read_bytes() == (BUNDLED_MODEL / "model.safetensors").read_bytes()
+    assert json.loads((BUNDLED_MODEL / "preprocessor_config.json").read_text())["max_size"] == stored

@@ -11,11 +11,13 @@ Steps (each printed as it runs, all resumable by re-running with the same --work
 5. merge (``python -m mlx_eve.fuse``), store in float16 (``convert.py``), and score the held-out test split.
 
 ``--init MODEL`` skips 2–3 and continues training MODEL (a new learning-rate cycle, e.g. on new images
-from another ``--seed``).
+from another ``--seed``), at ``--max-size`` if given (a copy of MODEL with that resolution).
 """
 
 import argparse
 import json
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -113,6 +115,24 @@ def initial_checkpoint(out: Path, data: Path, args: argparse.Namespace) -> None:
     print(f"Initial model: {parameters / 1e6:.2f}M parameters, {tokens} tokens, images at {args.max_size}px", flush=True)
 
 
+def at_resolution(model: Path, max_size: int, out: Path) -> Path:
+    """``model`` itself, or a copy in ``out`` that reads images at ``max_size`` (EVEv2's patch embedding has no
+    position table, so the same weights serve any resolution)."""
+    preprocessor = json.loads((model / "preprocessor_config.json").read_text())
+    if preprocessor["max_size"] == max_size:
+        return model
+    if not out.exists():
+        partial = out.with_name(out.name + ".partial")  # renamed when complete: an interruption leaves no half copy
+        shutil.rmtree(partial, ignore_errors=True)
+        shutil.copytree(model, partial)
+        (partial / "preprocessor_config.json").write_text(json.dumps({**preprocessor, "max_size": max_size}, indent=2))
+        config = json.loads((model / "config.json").read_text())
+        config["mm_vision_tower"] = re.sub(r"res\d+", f"res{max_size}", config["mm_vision_tower"])
+        (partial / "config.json").write_text(json.dumps(config, indent=2))
+        partial.rename(out)
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--work", type=Path, default=ROOT / "data" / "shapes-run", help="Dataset, checkpoints and logs.")
@@ -130,12 +150,15 @@ def main() -> None:
     p.add_argument("--intermediate-size", type=int, default=704)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--vocab-size", type=int, default=640, help="BPE merges target (before special tokens).")
-    p.add_argument("--max-size", type=int, default=160, help="Image resolution (about max-size² pixels).")
+    p.add_argument(
+        "--max-size", type=int, default=None,
+        help="Image resolution, about max-size² pixels (default: the --init model's; 160 for a new model).",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--init", type=Path, default=None, help="Continue training this model instead of a new one.")
     args = p.parse_args()
     data, run_dir, fused = args.work / "data", args.work / "run", args.work / "fused"
-    init = args.init or args.work / "init"
+    init = args.work / "init"
 
     if not (data / "test.jsonl").exists():
         run(
@@ -143,7 +166,10 @@ def main() -> None:
             "--test", "1000", "--seed", str(args.seed), "--train-turns", str(args.train_turns),
             "--close-ups", str(args.close_ups),
         )
-    if not (init / "config.json").exists():
+    if args.init:
+        init = at_resolution(args.init, args.max_size, init) if args.max_size else args.init
+    elif not (init / "config.json").exists():
+        args.max_size = args.max_size or 160
         initial_checkpoint(init, data, args)
     resume = ["--resume"] if (run_dir / "checkpoint" / "state.json").exists() else []
     run(
