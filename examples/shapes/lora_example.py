@@ -55,8 +55,8 @@ def main() -> None:
         run(
             "-m", "mlx_eve.lora", "--model", str(model), "--train", "--data", str(data), "--iters", str(args.iters),
             "--batch-size", str(args.batch_size), "--learning-rate", str(args.learning_rate), "--lora-rank", "8",
-            "--steps-per-report", "50", "--steps-per-eval", "200", "--val-batches", "5", "--adapter-path",
-            str(adapters), *resume,
+            "--train-patch-embedding", "--steps-per-report", "50", "--steps-per-eval", "200", "--val-batches", "5",
+            "--adapter-path", str(adapters), *resume,
         )
         results[name] = (accuracy(model, data), accuracy(model, data, adapters))
     print(f"\nHeld-out 'big or small?' accuracy ({args.test} test images)")
