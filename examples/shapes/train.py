@@ -118,18 +118,18 @@ def initial_checkpoint(out: Path, data: Path, args: argparse.Namespace) -> None:
 def at_resolution(model: Path, max_size: int, out: Path) -> Path:
     """``model`` itself, or a copy in ``out`` that reads images at ``max_size`` (EVEv2's patch embedding has no
     position table, so the same weights serve any resolution)."""
+    from mlx_eve.saving import staged_folder
+
     preprocessor = json.loads((model / "preprocessor_config.json").read_text())
     if preprocessor["max_size"] == max_size:
         return model
     if not out.exists():
-        partial = out.with_name(out.name + ".partial")  # renamed when complete: an interruption leaves no half copy
-        shutil.rmtree(partial, ignore_errors=True)
-        shutil.copytree(model, partial)
-        (partial / "preprocessor_config.json").write_text(json.dumps({**preprocessor, "max_size": max_size}, indent=2))
-        config = json.loads((model / "config.json").read_text())
-        config["mm_vision_tower"] = re.sub(r"res\d+", f"res{max_size}", config["mm_vision_tower"])
-        (partial / "config.json").write_text(json.dumps(config, indent=2))
-        partial.rename(out)
+        with staged_folder(out) as staged:
+            shutil.copytree(model, staged, dirs_exist_ok=True)
+            (staged / "preprocessor_config.json").write_text(json.dumps({**preprocessor, "max_size": max_size}, indent=2))
+            config = json.loads((model / "config.json").read_text())
+            config["mm_vision_tower"] = re.sub(r"res\d+", f"res{max_size}", config["mm_vision_tower"])
+            (staged / "config.json").write_text(json.dumps(config, indent=2))
     return out
 
 
