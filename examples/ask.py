@@ -1,17 +1,17 @@
 """Ask a question about an image from Python, then a follow-up, streaming the answers.
 
-    python examples/ask.py   # the bundled demo model and image
-    python examples/ask.py --model BAAI/EVE-7B-HD-v2.0 --image photo.jpg -q "What is this?" -f "Why?"
+python examples/ask.py   # the bundled demo model and image
+python examples/ask.py --model BAAI/EVE-7B-HD-v2.0 --image photo.jpg -q "What is this?" -f "Why?"
 """
 
 import argparse
 
 from mlx_eve import load, stream_generate
-from mlx_eve.generate import BUNDLED_MODEL
+from mlx_eve.demo import BUNDLED_MODEL, EXAMPLE_IMAGES
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--model", default=str(BUNDLED_MODEL))
-parser.add_argument("--image", default="examples/images/shapes.png")
+parser.add_argument("--image", default=str(EXAMPLE_IMAGES / "shapes.png"))
 parser.add_argument("-q", "--question", default="How many shapes are there?")
 parser.add_argument("-f", "--follow-up", default="What colour is the circle?")
 args = parser.parse_args()

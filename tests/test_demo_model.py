@@ -1,4 +1,4 @@
-"""The bundled demo model (examples/models/eve-shapes, trained by examples/shapes/train.py) gives right
+"""The bundled demo model (mlx_eve/assets/eve-shapes, trained by examples/shapes/train.py) gives right
 answers: the README's first command about the bundled image, and questions about images drawn afresh."""
 
 import importlib.util
@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 
 from mlx_eve import generate, load
-from mlx_eve.generate import BUNDLED_MODEL
+from mlx_eve.demo import BUNDLED_MODEL, EXAMPLE_IMAGES
 
 ROOT = Path(__file__).resolve().parent.parent
-IMAGE = ROOT / "examples" / "images" / "shapes.png"
+IMAGE = EXAMPLE_IMAGES / "shapes.png"
 
-# examples/images/shapes.png, as drawn: a red circle top left, a blue square top right, a green triangle
+# mlx_eve/assets/images/shapes.png, as drawn: a red circle top left, a blue square top right, a green triangle
 # at the bottom in the middle. Each question with the answer words its type takes, and the right one.
 FACTS = {
     "How many shapes are there?": ({"1", "2", "3", "4"}, "3"),
@@ -35,7 +35,7 @@ def demo_model():
 
 def readme_first_command() -> list:
     """The arguments of ``python generate.py`` in the README's first command."""
-    line = next(l for l in (ROOT / "README.md").read_text().splitlines() if "python generate.py" in l)
+    line = next(line for line in (ROOT / "README.md").read_text().splitlines() if "python generate.py" in line)
     return shlex.split(line.split("python generate.py", 1)[1])
 
 
@@ -55,11 +55,13 @@ def test_answers_are_words_of_the_right_kind(demo_model, question):
 
 def test_held_out_accuracy_on_images_drawn_afresh(demo_model, tmp_path):
     """A seed the training script never used; the threshold is well below the model's measured accuracy on
-    its 1000-image test split (see examples/models/eve-shapes/README.md), to catch a broken model or pipeline."""
+    its 1000-image test split (see mlx_eve/assets/eve-shapes/README.md), to catch a broken model or pipeline."""
     spec = importlib.util.spec_from_file_location("shapes_evaluate", ROOT / "examples" / "shapes" / "evaluate.py")
     shapes_eval = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(shapes_eval)
     make = [sys.executable, str(ROOT / "examples" / "shapes" / "make_dataset.py"), "--out", str(tmp_path)]
-    subprocess.run([*make, "--train", "4", "--valid", "4", "--test", "80", "--seed", "2026", "--workers", "1"], check=True)
+    subprocess.run(
+        [*make, "--train", "4", "--valid", "4", "--test", "80", "--seed", "2026", "--workers", "1"], check=True
+    )
     result = shapes_eval.evaluate(*demo_model, shapes_eval.load_samples(tmp_path / "test.jsonl"), tmp_path)
     assert result["accuracy"] >= 0.4, result["by_type"]  # chance: about 0.32

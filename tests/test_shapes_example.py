@@ -159,7 +159,9 @@ def test_answers_agree_with_the_pixels(dataset):
 
 
 def test_close_ups_show_one_filling_shape_in_training_only(tmp_path):
-    root = _generate(tmp_path / "close", "--seed", "5", "--tasks", ",".join(VOCABULARY), "--train-turns", "2", "--close-ups", "0.5")
+    root = _generate(
+        tmp_path / "close", "--seed", "5", "--tasks", ",".join(VOCABULARY), "--train-turns", "2", "--close-ups", "0.5"
+    )
     widest = {}
     for split, samples in _samples(root).items():
         widest[split] = []
@@ -247,7 +249,7 @@ def test_evaluate_scores_a_model_that_always_says_red(dataset, monkeypatch):
 def test_training_continues_at_a_new_resolution(tmp_path):
     """train.py --init MODEL --max-size N trains a copy of MODEL that reads images at N; MODEL stays as it was."""
     from mlx_eve import load
-    from mlx_eve.generate import BUNDLED_MODEL
+    from mlx_eve.demo import BUNDLED_MODEL
 
     train = _import("train")
     stored = json.loads((BUNDLED_MODEL / "preprocessor_config.json").read_text())["max_size"]

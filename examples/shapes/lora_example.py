@@ -19,7 +19,7 @@ sys.path.insert(0, str(ROOT))
 from evaluate import evaluate, load_samples  # noqa: E402
 
 from mlx_eve import load  # noqa: E402
-from mlx_eve.generate import BUNDLED_MODEL  # noqa: E402
+from mlx_eve.demo import BUNDLED_MODEL  # noqa: E402
 
 
 def run(*command: str) -> None:
@@ -45,7 +45,21 @@ def main() -> None:
     args = p.parse_args()
     data, q4 = args.work / "size", args.work / "model-4bit"
     if not (data / "test.jsonl").exists():
-        run(str(HERE / "make_dataset.py"), "--out", str(data), "--tasks", "size", "--train", "2000", "--valid", "200", "--test", str(args.test), "--seed", "7")
+        run(
+            str(HERE / "make_dataset.py"),
+            "--out",
+            str(data),
+            "--tasks",
+            "size",
+            "--train",
+            "2000",
+            "--valid",
+            "200",
+            "--test",
+            str(args.test),
+            "--seed",
+            "7",
+        )
     if not (q4 / "config.json").exists():
         run("convert.py", "--hf-path", str(args.model), "--mlx-path", str(q4), "-q", "--q-bits", "4")
     results = {}
@@ -53,10 +67,31 @@ def main() -> None:
         adapters = args.work / f"adapters-{model.name}"
         resume = ["--resume"] if (adapters / "checkpoint" / "state.json").exists() else []
         run(
-            "-m", "mlx_eve.lora", "--model", str(model), "--train", "--data", str(data), "--iters", str(args.iters),
-            "--batch-size", str(args.batch_size), "--learning-rate", str(args.learning_rate), "--lora-rank", "8",
-            "--train-patch-embedding", "--steps-per-report", "50", "--steps-per-eval", "200", "--val-batches", "5",
-            "--adapter-path", str(adapters), *resume,
+            "-m",
+            "mlx_eve.lora",
+            "--model",
+            str(model),
+            "--train",
+            "--data",
+            str(data),
+            "--iters",
+            str(args.iters),
+            "--batch-size",
+            str(args.batch_size),
+            "--learning-rate",
+            str(args.learning_rate),
+            "--lora-rank",
+            "8",
+            "--train-patch-embedding",
+            "--steps-per-report",
+            "50",
+            "--steps-per-eval",
+            "200",
+            "--val-batches",
+            "5",
+            "--adapter-path",
+            str(adapters),
+            *resume,
         )
         results[name] = (accuracy(model, data), accuracy(model, data, adapters))
     print(f"\nHeld-out 'big or small?' accuracy ({args.test} test images)")

@@ -275,7 +275,14 @@ def write_split(
     """Write ``count`` samples of ``split`` (images and ``<split>.jsonl``, in shuffled order) into ``out``."""
     (out / "images").mkdir(parents=True, exist_ok=True)
     make = partial(
-        make_record, split=split, out=out, seed=seed, tasks=tuple(tasks), image_size=image_size, fmt=fmt, turns=turns,
+        make_record,
+        split=split,
+        out=out,
+        seed=seed,
+        tasks=tuple(tasks),
+        image_size=image_size,
+        fmt=fmt,
+        turns=turns,
         close_ups=close_ups,
     )
     if workers > 1:

@@ -1,7 +1,7 @@
 """Train a small EVEv2-architecture model from scratch on the shapes dataset, with mlx-eve's own
 fine-tuning code, and write it where the README's first command and the demo app look for it.
 
-    python examples/shapes/train.py --work data/shapes-run --out examples/models/eve-shapes
+    python examples/shapes/train.py --work data/shapes-run --out mlx_eve/assets/eve-shapes
 
 Steps (each printed as it runs, all resumable by re-running with the same --work):
 1. generate the dataset (examples/shapes/make_dataset.py);
@@ -53,15 +53,30 @@ def train_tokenizer(data: Path, out: Path, vocab_size: int) -> int:
         texts += [turn["value"] for turn in json.loads(line)["conversations"]]
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated"), pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
+        [
+            pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
     )
     tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+    )
     tokenizer.train_from_iterator(texts, trainer)
     base = tokenizer.get_vocab_size()
     tokenizer.add_special_tokens(SPECIAL)
     tokenizer.save(str(out / "tokenizer.json"))
-    added = {str(base + i): {"content": s, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False, "special": True} for i, s in enumerate(SPECIAL)}
+    added = {
+        str(base + i): {
+            "content": s,
+            "lstrip": False,
+            "normalized": False,
+            "rstrip": False,
+            "single_word": False,
+            "special": True,
+        }
+        for i, s in enumerate(SPECIAL)
+    }
     config = {
         "added_tokens_decoder": added,
         "bos_token": None,
@@ -73,7 +88,9 @@ def train_tokenizer(data: Path, out: Path, vocab_size: int) -> int:
         "tokenizer_class": "Qwen2Tokenizer",
     }
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
-    (out / "generation_config.json").write_text(json.dumps({"eos_token_id": [base + 2, base], "do_sample": False}, indent=2))
+    (out / "generation_config.json").write_text(
+        json.dumps({"eos_token_id": [base + 2, base], "do_sample": False}, indent=2)
+    )
     return base + len(SPECIAL)
 
 
@@ -102,7 +119,12 @@ def initial_checkpoint(out: Path, data: Path, args: argparse.Namespace) -> None:
         "torch_dtype": "float32",
     }
     (out / "config.json").write_text(json.dumps(config, indent=2))
-    preprocessor = {"image_processor_type": "AnyRatioProcessor", "max_size": args.max_size, "patch_stride": 16, "dense_stride": 2}
+    preprocessor = {
+        "image_processor_type": "AnyRatioProcessor",
+        "max_size": args.max_size,
+        "patch_stride": 16,
+        "dense_stride": 2,
+    }
     (out / "preprocessor_config.json").write_text(json.dumps(preprocessor, indent=2))
     mx.random.seed(args.seed)
     model = build_model(config, {"patch_stride": 16, "dense_stride": 2})
@@ -110,9 +132,13 @@ def initial_checkpoint(out: Path, data: Path, args: argparse.Namespace) -> None:
     tower.class_embedding = mx.random.normal(tower.class_embedding.shape) * 0.02
     tower.split_embedding = mx.random.normal(tower.split_embedding.shape) * 0.02
     model.model.embed_tokens.weight = mx.random.normal(model.model.embed_tokens.weight.shape) * 0.02
-    mx.save_safetensors(str(out / "model.safetensors"), dict(tree_flatten(model.parameters())), metadata={"format": "mlx"})
+    mx.save_safetensors(
+        str(out / "model.safetensors"), dict(tree_flatten(model.parameters())), metadata={"format": "mlx"}
+    )
     parameters = sum(v.size for _, v in tree_flatten(model.parameters()))
-    print(f"Initial model: {parameters / 1e6:.2f}M parameters, {tokens} tokens, images at {args.max_size}px", flush=True)
+    print(
+        f"Initial model: {parameters / 1e6:.2f}M parameters, {tokens} tokens, images at {args.max_size}px", flush=True
+    )
 
 
 def at_resolution(model: Path, max_size: int, out: Path) -> Path:
@@ -126,7 +152,9 @@ def at_resolution(model: Path, max_size: int, out: Path) -> Path:
     if not out.exists():
         with staged_folder(out) as staged:
             shutil.copytree(model, staged, dirs_exist_ok=True)
-            (staged / "preprocessor_config.json").write_text(json.dumps({**preprocessor, "max_size": max_size}, indent=2))
+            (staged / "preprocessor_config.json").write_text(
+                json.dumps({**preprocessor, "max_size": max_size}, indent=2)
+            )
             config = json.loads((model / "config.json").read_text())
             config["mm_vision_tower"] = re.sub(r"res\d+", f"res{max_size}", config["mm_vision_tower"])
             (staged / "config.json").write_text(json.dumps(config, indent=2))
@@ -136,7 +164,7 @@ def at_resolution(model: Path, max_size: int, out: Path) -> Path:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--work", type=Path, default=ROOT / "data" / "shapes-run", help="Dataset, checkpoints and logs.")
-    p.add_argument("--out", type=Path, default=ROOT / "examples" / "models" / "eve-shapes", help="The finished model.")
+    p.add_argument("--out", type=Path, default=ROOT / "mlx_eve" / "assets" / "eve-shapes", help="The finished model.")
     p.add_argument("--train-samples", type=int, default=20000)
     p.add_argument("--train-turns", type=int, default=4, help="Questions asked about each training image.")
     p.add_argument(
@@ -151,7 +179,9 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--vocab-size", type=int, default=640, help="BPE merges target (before special tokens).")
     p.add_argument(
-        "--max-size", type=int, default=None,
+        "--max-size",
+        type=int,
+        default=None,
         help="Image resolution, about max-size² pixels (default: the --init model's; 160 for a new model).",
     )
     p.add_argument("--seed", type=int, default=0)
@@ -162,9 +192,21 @@ def main() -> None:
 
     if not (data / "test.jsonl").exists():
         run(
-            str(HERE / "make_dataset.py"), "--out", str(data), "--train", str(args.train_samples), "--valid", "500",
-            "--test", "1000", "--seed", str(args.seed), "--train-turns", str(args.train_turns),
-            "--close-ups", str(args.close_ups),
+            str(HERE / "make_dataset.py"),
+            "--out",
+            str(data),
+            "--train",
+            str(args.train_samples),
+            "--valid",
+            "500",
+            "--test",
+            "1000",
+            "--seed",
+            str(args.seed),
+            "--train-turns",
+            str(args.train_turns),
+            "--close-ups",
+            str(args.close_ups),
         )
     if args.init:
         init = at_resolution(args.init, args.max_size, init) if args.max_size else args.init
@@ -173,14 +215,49 @@ def main() -> None:
         initial_checkpoint(init, data, args)
     resume = ["--resume"] if (run_dir / "checkpoint" / "state.json").exists() else []
     run(
-        "-m", "mlx_eve.lora", "--model", str(init), "--train", "--data", str(data), "--fine-tune-type", "full",
-        "--train-patch-embedding", "--batch-size", str(args.batch_size), "--iters", str(args.iters),
-        "--learning-rate", str(args.learning_rate), "--lr-schedule", "cosine", "--warmup", str(min(200, args.iters // 10)),
-        "--optimizer", "adamw", "--weight-decay", "0.01", "--max-grad-norm", "1.0", "--steps-per-report", "50",
-        "--steps-per-eval", "500", "--val-batches", "8", "--save-every", "250", "--adapter-path", str(run_dir),
-        "--seed", str(args.seed), *resume,
+        "-m",
+        "mlx_eve.lora",
+        "--model",
+        str(init),
+        "--train",
+        "--data",
+        str(data),
+        "--fine-tune-type",
+        "full",
+        "--train-patch-embedding",
+        "--batch-size",
+        str(args.batch_size),
+        "--iters",
+        str(args.iters),
+        "--learning-rate",
+        str(args.learning_rate),
+        "--lr-schedule",
+        "cosine",
+        "--warmup",
+        str(min(200, args.iters // 10)),
+        "--optimizer",
+        "adamw",
+        "--weight-decay",
+        "0.01",
+        "--max-grad-norm",
+        "1.0",
+        "--steps-per-report",
+        "50",
+        "--steps-per-eval",
+        "500",
+        "--val-batches",
+        "8",
+        "--save-every",
+        "250",
+        "--adapter-path",
+        str(run_dir),
+        "--seed",
+        str(args.seed),
+        *resume,
     )
-    run("-m", "mlx_eve.fuse", "--model", str(init), "--adapter-path", str(run_dir), "--save-path", str(fused), "--force")
+    run(
+        "-m", "mlx_eve.fuse", "--model", str(init), "--adapter-path", str(run_dir), "--save-path", str(fused), "--force"
+    )
     run("convert.py", "--hf-path", str(fused), "--mlx-path", str(args.out), "--dtype", "float16", "--force")
     run(str(HERE / "evaluate.py"), "--model", str(args.out), "--data", str(data), "--split", "test")
 
