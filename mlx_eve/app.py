@@ -20,8 +20,9 @@ from typing import TYPE_CHECKING, Callable, Dict, Iterator, List, Optional, Tupl
 import mlx.core as mx
 
 from .chat import ChatResponse, ChatSession
+from .demo import BUNDLED_MODEL, EXAMPLE_IMAGES
 from .errors import EVEError, ImageError
-from .generate import BUNDLED_MODEL
+from .families import family_of
 from .loading import load
 from .models.base import EVEModel
 from .processor import Processor
@@ -30,7 +31,6 @@ if TYPE_CHECKING:
     import gradio as gr
 
 INSTALL_HINT = "The chat app needs Gradio: pip install 'mlx-eve[app]'"
-EXAMPLE_IMAGES = Path(__file__).resolve().parent.parent / "examples" / "images"
 EXAMPLE_QUESTIONS = {
     # What the bundled demo model (trained on examples/shapes) was taught to answer.
     "shapes.png": ["How many shapes are there?", "What colour is the circle?", "What shape is the blue object?"],
@@ -248,20 +248,20 @@ class ChatApp:
         """The Gradio Blocks page."""
         import gradio as gr
 
-        theme = gr.themes.Soft(font=FONTS, font_mono=MONO_FONTS)
-        with gr.Blocks(title="mlx-eve chat", theme=theme, analytics_enabled=False, css=CSS) as demo:
+        with gr.Blocks(title="mlx-eve chat", analytics_enabled=False) as demo:
             tab = gr.State(Tab())
             pending = gr.State(None)
             gr.Markdown(f"## mlx-eve chat\nModel: `{self.model_name}` ({family(self.model)})")
             chatbot = gr.Chatbot(
-                type="messages",
                 elem_id="chat",
                 label="Conversation",
                 show_label=False,
                 height=520,
-                show_copy_button=True,
+                buttons=["copy"],
                 # Keeps the new-conversation marker apart from the answer before it.
                 group_consecutive_messages=False,
+                # As before Gradio 6: the sanitizer drops non-HTML tags in an answer instead of showing them as text.
+                allow_tags=False,
                 placeholder="Upload an image (or drop, or paste one) and ask about it — or just chat.",
             )
             chat_input = gr.MultimodalTextbox(
@@ -287,7 +287,10 @@ class ChatApp:
                     1, min(4096, self.processor.context_length), value=256, step=1, label="Max tokens"
                 )
                 repetition_penalty = gr.Slider(1.0, 2.0, value=1.0, step=0.05, label="Repetition penalty (1: off)")
-                system_prompt = gr.Textbox(label="System prompt", placeholder=self.processor.template.system, lines=2)
+                # Not None: until Settings is first opened, Gradio 6 sends this initial value as it is.
+                system_prompt = gr.Textbox(
+                    value="", label="System prompt", placeholder=self.processor.template.system, lines=2
+                )
                 default_size = self.default_max_size or 1600
                 resolution = gr.Slider(
                     min(224, default_size),
@@ -297,13 +300,15 @@ class ChatApp:
                     label="Image resolution (pixels per side; fewer is faster, with fewer image tokens)",
                     visible=self.default_max_size is not None,
                 )
-            gr.Examples(examples=self.examples(), inputs=[chat_input], label="Examples")
+            gr.Examples(examples=self.examples(), inputs=[chat_input], label="Examples", elem_id="examples")
 
             settings = [temperature, top_p, max_tokens, repetition_penalty, system_prompt, resolution]
             answering = chat_input.submit(
                 self.submit, [chat_input, chatbot, tab, camera], [chatbot, chat_input, pending, camera], queue=False
             ).then(self.respond, [chatbot, tab, pending, *settings], [chatbot, stats], concurrency_id="generate")
-            answering.then(lambda: gr.MultimodalTextbox(interactive=True), None, [chat_input], queue=False)
+            # `then` does not follow a failed event in Gradio 6, so `failure` gives the input back after an error.
+            for after in (answering.then, answering.failure):
+                after(lambda: gr.MultimodalTextbox(interactive=True), None, [chat_input], queue=False)
             stop.click(self.stop, [tab], None, queue=False)
             reset_outputs = [chatbot, tab, chat_input, stats, pending]
             # Cancelling needs the queue; no concurrency limit, so a running answer does not hold it up.
@@ -330,12 +335,19 @@ def new_conversation_marker() -> Message:
 
 
 def family(model: EVEModel) -> str:
-    return {"eve": "EVEv1", "eve-qwen2": "EVEv2"}.get(model.model_type, model.model_type)
+    return family_of(model.model_type).name
 
 
 CSS = """
 #stats { font-size: 0.85em; opacity: 0.85; }
 """
+
+
+def theme() -> "gr.themes.Base":
+    """The page's look; Gradio takes it, and ``CSS``, in ``launch``."""
+    import gradio as gr
+
+    return gr.themes.Soft(font=FONTS, font_mono=MONO_FONTS)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -370,7 +382,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     app = ChatApp(model, processor, Path(model_path).name if Path(model_path).is_dir() else model_path)
     try:
         demo = app.build()
-        demo.queue(default_concurrency_limit=1).launch(server_name=args.host, server_port=args.port, inbrowser=args.open)
+        demo.queue(default_concurrency_limit=1).launch(
+            server_name=args.host,
+            server_port=args.port,
+            inbrowser=args.open,
+            theme=theme(),
+            css=CSS,
+            # No run history: replaying a past call can not restore the conversation in the tab's KV cache.
+            run_history=False,
+        )
     finally:
         app.close()
     return 0

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-IMAGE = ROOT / "examples" / "images" / "shapes.png"
+IMAGE = ROOT / "mlx_eve" / "assets" / "images" / "shapes.png"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMIUM_ARGS = [
     "--no-sandbox",
@@ -78,7 +78,11 @@ def app_url(tmp_path_factory):
     env = {**os.environ, "GRADIO_TEMP_DIR": str(tmp / "uploads"), "PYTHONUNBUFFERED": "1", "PYTHONFAULTHANDLER": "1"}
     # Ctrl-C must reach it even when the tests run as a background job (whose children inherit SIGINT ignored).
     server = subprocess.Popen(
-        [sys.executable, "app.py", "--port", str(port)], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env,
+        [sys.executable, "app.py", "--port", str(port)],
+        cwd=ROOT,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     url = f"http://127.0.0.1:{port}/"
@@ -146,7 +150,7 @@ def page(browser, app_url):
 @pytest.fixture(scope="module")
 def demo_model():
     from mlx_eve import load
-    from mlx_eve.generate import BUNDLED_MODEL
+    from mlx_eve.demo import BUNDLED_MODEL
 
     return load(str(BUNDLED_MODEL))
 
@@ -253,3 +257,14 @@ def test_bad_upload_is_reported_in_the_chat_and_the_app_keeps_working(page, demo
     page.locator("#new-chat").click()
     sync_api.expect(page.locator("#chat [data-testid='bot']")).to_have_count(0)
     sync_api.expect(page.locator("#stats")).to_have_text("Statistics of the last answer appear here.")
+
+
+def test_an_example_is_answered_with_the_default_settings(page, demo_model):
+    from mlx_eve.app import TEXT_EXAMPLE
+
+    # Settings is never opened here: its default values must reach the model all the same.
+    page.locator("#examples").get_by_text(TEXT_EXAMPLE).click()
+    sync_api.expect(page.locator("#chat-input textarea")).to_have_value(TEXT_EXAMPLE)
+    shown = ask(page, TEXT_EXAMPLE)
+    assert same_answer(shown, expected_answer(*demo_model, TEXT_EXAMPLE, None, max_tokens=256)), shown
+    assert footer(page)["image_tokens"] == 0

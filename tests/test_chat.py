@@ -9,8 +9,8 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
-
 import tiny_checkpoints
+
 from mlx_eve import load, stream_generate
 from mlx_eve.chat import ChatSession
 from mlx_eve.errors import ImageError, PromptTooLongError
