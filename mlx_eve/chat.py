@@ -11,6 +11,7 @@ from typing import Dict, Generator, List, Optional, Tuple
 
 import mlx.core as mx
 from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache, trim_prompt_cache
+from mlx_lm.utils import common_prefix_len
 
 from .generate import GenerationResponse, generate_from_inputs
 from .image import ImageInput, load_image
@@ -89,7 +90,14 @@ class ChatSession:
         try:
             with closing(
                 generate_from_inputs(
-                    self.model, self.processor, inputs, max_tokens, temp, prompt_cache=self.prompt_cache, reused=reused, **kwargs
+                    self.model,
+                    self.processor,
+                    inputs,
+                    max_tokens,
+                    temp,
+                    prompt_cache=self.prompt_cache,
+                    reused=reused,
+                    **kwargs,
                 )
             ) as responses:
                 for response in responses:
@@ -113,13 +121,8 @@ class ChatSession:
 
     def _reuse_prefix(self, ids: List[int]) -> int:
         """Cut the cache back to the longest prefix it shares with ``ids``; the number of ids kept."""
-        common = 0
-        for cached, new in zip(self.cached_ids, ids):
-            if cached != new:
-                break
-            common += 1
         # mlx-lm needs at least one prompt token to compute the first answer token from.
-        common = min(common, len(ids) - 1)
+        common = min(common_prefix_len(self.cached_ids, ids), len(ids) - 1)
         if common < len(self.cached_ids):
             if not can_trim_prompt_cache(self.prompt_cache):
                 self._reset_cache()

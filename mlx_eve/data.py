@@ -3,19 +3,23 @@
 Accepted layouts: a folder with ``train.jsonl`` / ``valid.jsonl`` / ``test.jsonl``, or a single ``.json``
 (a list of records, as LLaVA ships its data) or ``.jsonl`` file used for training. Records:
 
-- LLaVA: ``{"image": "a.jpg", "conversations": [{"from": "human", "value": "<image>\\nQ"}, {"from": "gpt", "value": "A"}]}``
-- mlx-vlm: ``{"images": ["a.jpg"], "messages": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}]}``
+- LLaVA: ``{"image": "a.jpg", "conversations": [{"from": "human", "value": "<image>\\nQ"},
+  {"from": "gpt", "value": "A"}]}``
+- mlx-vlm: ``{"images": ["a.jpg"], "messages": [{"role": "user", "content": "Q"},
+  {"role": "assistant", "content": "A"}]}``
 
 Image paths are relative to the data file (or ``image_folder``). Every problem in every file is collected
 and reported with its file and line before any training starts.
 """
 
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
+from mlx_lm.utils import common_prefix_len
 
 from .errors import EVEError, ImageError
 from .image import load_image
@@ -59,9 +63,20 @@ def load_splits(
         files = {"train": data}
     else:
         raise DataError(f"Data not found: {data}")
-    splits, problems = {}, []
+    splits, problems, outside = {}, [], []
     for split, file in files.items():
-        splits[split] = _load_file(file, processor, max_seq_length, image_folder or file.parent, problems)
+        folder = image_folder or file.parent
+        splits[split] = _load_file(file, processor, max_seq_length, folder, problems)
+        outside += [
+            (s.where, p) for s in splits[split] for p in s.images if not p.resolve().is_relative_to(folder.resolve())
+        ]
+    if outside:
+        shown = ", ".join(f"{path} ({where})" for where, path in outside[:3])
+        more = f" and {len(outside) - 3} more" if len(outside) > 3 else ""
+        print(
+            f"[WARNING] {len(outside)} image path(s) lead outside the data folder, used as given: {shown}{more}",
+            file=sys.stderr,
+        )
     if problems:
         shown = "\n".join(f"  {p}" for p in problems[:50])
         more = f"\n  ... and {len(problems) - 50} more" if len(problems) > 50 else ""
@@ -71,10 +86,14 @@ def load_splits(
 
 def _records(file: Path, problems: List[str]):
     """(where, record) pairs: one per non-empty line of a .jsonl, one per element of a .json list."""
-    text = file.read_text()
+    raw = file.read_bytes()
     if file.suffix == ".json":
         try:
-            records = json.loads(text)
+            records = json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            line = raw[: e.start].count(b"\n") + 1
+            problems.append(f"{file}:{line}: not UTF-8 text ({e.reason})")
+            return
         except json.JSONDecodeError as e:
             problems.append(f"{file}:{e.lineno}: invalid JSON ({e.msg})")
             return
@@ -83,15 +102,19 @@ def _records(file: Path, problems: List[str]):
             return
         yield from ((f"{file}: record {i}", r) for i, r in enumerate(records, 1))
         return
-    for number, line in enumerate(text.splitlines(), 1):
+    for number, line in enumerate(raw.splitlines(), 1):
         if line.strip():
             try:
-                yield f"{file}:{number}", json.loads(line)
+                yield f"{file}:{number}", json.loads(line.decode("utf-8"))
+            except UnicodeDecodeError as e:
+                problems.append(f"{file}:{number}: not UTF-8 text ({e.reason})")
             except json.JSONDecodeError as e:
                 problems.append(f"{file}:{number}: invalid JSON ({e.msg})")
 
 
-def _load_file(file: Path, processor: Processor, max_seq_length: int, image_folder: Path, problems: List[str]) -> List[Sample]:
+def _load_file(
+    file: Path, processor: Processor, max_seq_length: int, image_folder: Path, problems: List[str]
+) -> List[Sample]:
     samples = []
     for where, record in _records(file, problems):
         try:
@@ -118,7 +141,9 @@ def parse_record(record, image_folder: Path) -> Tuple[List[Dict[str, str]], Opti
     system, messages = None, []
     for role, content in turns:
         if ROLES.get(role) is None or not isinstance(content, str):
-            raise DataError(f"a turn has role {role!r} and content {type(content).__name__}; expected text turns of {sorted(ROLES)}")
+            raise DataError(
+                f"a turn has role {role!r} and content {type(content).__name__}; expected text turns of {sorted(ROLES)}"
+            )
         if ROLES[role] == "system":
             system = content
         else:
@@ -133,7 +158,11 @@ def parse_record(record, image_folder: Path) -> Tuple[List[Dict[str, str]], Opti
 def _text(content) -> Optional[str]:
     """mlx-vlm content: a string, or parts like [{"type": "image"}, {"type": "text", "text": "Q"}]."""
     if isinstance(content, list):
-        parts = [IMAGE_PLACEHOLDER + "\n" if p.get("type") == "image" else p.get("text", "") for p in content if isinstance(p, dict)]
+        parts = [
+            IMAGE_PLACEHOLDER + "\n" if p.get("type") == "image" else p.get("text", "")
+            for p in content
+            if isinstance(p, dict)
+        ]
         return "".join(parts)
     return content
 
@@ -170,16 +199,7 @@ def tokenize_conversation(
     targets = np.zeros(len(full), dtype=bool)
     for i, message in enumerate(messages):
         if message["role"] == "assistant":
-            start = _common_prefix(tokens(messages[:i]), full)
-            end = _common_prefix(tokens(messages[: i + 1]), full)
+            start = common_prefix_len(tokens(messages[:i]), full)
+            end = common_prefix_len(tokens(messages[: i + 1]), full)
             targets[start:end] = True
     return np.array(full, dtype=np.int32), targets
-
-
-def _common_prefix(a: List[int], b: List[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n

@@ -3,7 +3,7 @@
 Batches and random numbers (dropout) are deterministic functions of (seed, step), and a checkpoint holds
 the trainable weights and the optimizer state, so a run resumed from step N continues exactly as the
 uninterrupted run would have. With ``mx.distributed`` (launched by ``mlx.launch``) every process takes its share of each
-global batch and the gradients are summed, giving the same updates as one process with the whole batch.
+global batch and the gradients are averaged, giving the same updates as one process with the whole batch.
 """
 
 import json
@@ -20,10 +20,11 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
+from mlx_lm.tuner.utils import build_schedule
 
-from .adapters import is_patch_embedding
 from .data import Sample
 from .errors import EVEError
+from .families import Family, family_of
 from .image import load_image
 from .models.base import EVEModel
 
@@ -37,21 +38,24 @@ class TrainingError(EVEError, RuntimeError):
 
 @dataclass
 class TrainingArgs:
-    batch_size: int = 4
-    iters: int = 1000
-    learning_rate: float = 1e-5
-    patch_embedding_lr_scale: float = 1.0  # its learning rate relative to the rest
-    lr_schedule: str = "constant"  # constant | cosine | linear (decay to 10% of the peak)
-    warmup: int = 0
-    optimizer: str = "adam"  # adam | adamw
-    weight_decay: float = 0.0
-    max_grad_norm: Optional[float] = None
-    grad_accumulation_steps: int = 1
-    val_batches: int = 25
-    steps_per_report: int = 10
-    steps_per_eval: int = 200
-    save_every: int = 100
-    seed: int = 0
+    """The training loop's options: ``mlx_eve.lora``'s, which define their defaults and ranges
+    (``mlx_eve.lora.training_args``)."""
+
+    batch_size: int
+    iters: int
+    learning_rate: float
+    patch_embedding_lr_scale: float  # its learning rate relative to the rest
+    lr_schedule: str  # constant | cosine | linear (decay to 10% of the peak)
+    warmup: int
+    optimizer: str  # adam | adamw
+    weight_decay: float
+    max_grad_norm: Optional[float]
+    grad_accumulation_steps: int
+    val_batches: int
+    steps_per_report: int
+    steps_per_eval: int
+    save_every: int
+    seed: int
 
 
 @dataclass
@@ -116,23 +120,26 @@ def shard(indices: List[int], group) -> List[int]:
     return indices[group.rank() :: group.size()]
 
 
-def learning_rate_schedule(args: TrainingArgs):
+def learning_rate_schedule(args: TrainingArgs) -> Callable[[mx.array], mx.array]:
+    """The learning rate at each optimizer update (0, 1, ...), built by mlx-lm's ``build_schedule``: with
+    ``warmup`` W, linear from 1 % of the peak at update 0 to the peak at update W; then the peak, or a
+    cosine/linear decay that reaches 10 % of it at the last update."""
     peak = args.learning_rate
-    decay_steps = max(args.iters - args.warmup, 1)
-    if args.lr_schedule == "cosine":
-        main = optim.cosine_decay(peak, decay_steps, end=peak * 0.1)
-    elif args.lr_schedule == "linear":
-        main = optim.linear_schedule(peak, peak * 0.1, decay_steps)
-    elif args.lr_schedule == "constant":
-        main = lambda step: mx.array(peak)  # noqa: E731
-    else:
+    last = args.iters // args.grad_accumulation_steps - 1
+    first = args.warmup + 1 if args.warmup else 0  # build_schedule starts the main part after update W
+    decay_steps = max(last - first, 1)
+    after_warmup = {  # mlx.optimizers schedule and its arguments
+        "constant": ("linear_schedule", [peak, peak, 1]),
+        "cosine": ("cosine_decay", [peak, decay_steps, peak * 0.1]),
+        "linear": ("linear_schedule", [peak, peak * 0.1, decay_steps]),
+    }
+    if args.lr_schedule not in after_warmup:
         raise TrainingError(f"Unknown --lr-schedule {args.lr_schedule!r}: use constant, cosine or linear.")
-    if args.warmup <= 0:
-        return main
-    return optim.join_schedules([optim.linear_schedule(peak * 0.01, peak, args.warmup), main], [args.warmup])
+    name, arguments = after_warmup[args.lr_schedule]
+    return build_schedule({"name": name, "arguments": arguments, "warmup": args.warmup, "warmup_init": peak * 0.01})
 
 
-def make_optimizer(args: TrainingArgs) -> optim.Optimizer:
+def make_optimizer(args: TrainingArgs, family: Family) -> optim.Optimizer:
     """The optimizer for every trainable weight; with ``patch_embedding_lr_scale`` != 1 the patch embedding
     gets its own, on the same schedule scaled (its output norm grows fast at the decoder's rate)."""
     schedule = learning_rate_schedule(args)
@@ -140,7 +147,9 @@ def make_optimizer(args: TrainingArgs) -> optim.Optimizer:
         return _optimizer(args, schedule)
     scale = args.patch_embedding_lr_scale
     patch_embedding = _optimizer(args, lambda step: scale * schedule(step))
-    return optim.MultiOptimizer([_optimizer(args, schedule), patch_embedding], [lambda path, _: not is_patch_embedding(path)])
+    return optim.MultiOptimizer(
+        [_optimizer(args, schedule), patch_embedding], [lambda path, _: not family.is_patch_embedding(path)]
+    )
 
 
 def _optimizer(args: TrainingArgs, learning_rate) -> optim.Optimizer:
@@ -189,15 +198,70 @@ def save_checkpoint(adapter_path: Path, model: EVEModel, optimizer: optim.Optimi
     (adapter_path / f"{ADAPTERS}.tmp").replace(adapter_path / ADAPTERS)
 
 
+def find_checkpoint(adapter_path: Path) -> Optional[Path]:
+    """The newest complete checkpoint folder. ``save_checkpoint`` swaps folders with two renames; a run killed
+    between them leaves the new one as ``.incomplete`` (complete once its state.json, written last, is there)
+    and the previous one as ``.old``."""
+    for name in (CHECKPOINT, f"{CHECKPOINT}.incomplete", f"{CHECKPOINT}.old"):
+        if (adapter_path / name / "state.json").is_file():
+            return adapter_path / name
+    return None
+
+
 def load_checkpoint(adapter_path: Path, model: EVEModel, optimizer: optim.Optimizer) -> int:
     """Restore a checkpoint written by ``save_checkpoint``; returns the step it was taken at."""
-    folder = adapter_path / CHECKPOINT
-    if not (folder / "state.json").exists():
+    folder = find_checkpoint(adapter_path)
+    if folder is None:
         raise TrainingError(f"No checkpoint to resume from in {adapter_path}.")
     model.load_weights(str(folder / ADAPTERS), strict=False)
     optimizer.init(model.trainable_parameters())
     optimizer.state = tree_unflatten(list(mx.load(str(folder / "optimizer.safetensors")).items()))
     return json.loads((folder / "state.json").read_text())["step"]
+
+
+def finite_loss_after_update(model: EVEModel, batch: Batch) -> float:
+    """The loss on ``batch`` with the current weights (no dropout), summed over all processes."""
+    model.eval()
+    loss, tokens = loss_sum(model, batch)
+    model.train()
+    total = mx.distributed.all_sum(mx.stack([loss, tokens.astype(mx.float32)]), stream=mx.cpu)
+    return (total[0] / mx.maximum(total[1], 1)).item()
+
+
+def diverged(what: str, saved: int, adapter_path: Path) -> TrainingError:
+    if saved > 0:
+        where = (
+            f"The last good checkpoint (step {saved}) is in {adapter_path / CHECKPOINT}: resume from it with --resume"
+        )
+    else:
+        where = "No checkpoint was saved before it"
+    return TrainingError(f"{what}; training stopped. {where}, with a lower --learning-rate or a --max-grad-norm.")
+
+
+class DivergenceWatch:
+    """Warns when the training loss rises well above the lowest it has been (the first step's loss counts):
+    a learning rate too high can undo training without ever making the loss NaN."""
+
+    def __init__(self, factor: float = 1.5, margin: float = 0.1):
+        self.factor, self.margin = factor, margin
+        self.best: Optional[float] = None
+        self.best_step = 0
+        self.warned = False
+
+    def step(self, loss: float) -> None:
+        if self.best is None:
+            self.best = loss
+
+    def report(self, step: int, window_loss: float, say: Callable[[str], None]) -> None:
+        limit = self.factor * self.best + self.margin
+        if window_loss > limit and not self.warned:
+            say(
+                f"[WARNING] The training loss rose to {window_loss:.3f}, from {self.best:.3f} at step "
+                f"{self.best_step or 1}: training is diverging. Try a lower --learning-rate."
+            )
+        self.warned = window_loss > limit
+        if window_loss < self.best:
+            self.best, self.best_step = window_loss, step
 
 
 class StopRequest:
@@ -236,7 +300,7 @@ def train(
     say = report if is_main else (lambda message: None)
     adapter_path = Path(adapter_path)
     adapter_path.mkdir(parents=True, exist_ok=True)
-    optimizer = make_optimizer(args)
+    optimizer = make_optimizer(args, family_of(model.model_type))
     start = load_checkpoint(adapter_path, model, optimizer) if resume else 0
     if resume:
         say(f"Resuming from step {start}.")
@@ -249,6 +313,7 @@ def train(
         return optim.clip_grad_norm(grads, args.max_grad_norm)[0]
 
     model.train()
+    watch = DivergenceWatch()
     window_loss, window_tokens, window_steps, window_time, trained_tokens = 0.0, 0, 0, 0.0, 0
     accumulated, saved = None, start
     with StopRequest() as stop:
@@ -263,23 +328,22 @@ def train(
             mx.random.seed(args.seed * 1_000_003 + step)  # MLX's random state can't be restored: derive it
             batch = make_batch([train_set[i] for i in shard(order(step - 1), group)], image_processor)
             tokens = mx.distributed.all_sum(batch.targets.sum(), stream=mx.cpu)
-            # Each process's summed loss over the global token count: summing the gradients over
-            # processes gives exactly the gradient of the global mean.
-            loss, grads = loss_and_grad(model, batch, 1.0 / mx.maximum(tokens, 1))
-            grads = tree_map(lambda g: mx.distributed.all_sum(g, stream=mx.cpu), grads) if group.size() > 1 else grads
-            loss = mx.distributed.all_sum(loss, stream=mx.cpu)
+            # Each process's summed loss times the process count over the global token count: averaging
+            # the gradients over processes gives exactly the gradient of the global mean.
+            loss, grads = loss_and_grad(model, batch, group.size() / mx.maximum(tokens, 1))
+            grads = nn.average_gradients(grads, group, communication_stream=mx.cpu)
+            loss = mx.distributed.all_sum(loss, stream=mx.cpu) / group.size()
             accumulated = grads if accumulated is None else tree_map(mx.add, accumulated, grads)
             if step % args.grad_accumulation_steps == 0:
-                steps = args.grad_accumulation_steps
-                optimizer.update(model, clip(tree_map(lambda g: g / steps, accumulated) if steps > 1 else accumulated))
+                if args.grad_accumulation_steps > 1:
+                    accumulated = tree_map(lambda g: g / args.grad_accumulation_steps, accumulated)
+                optimizer.update(model, clip(accumulated))
                 accumulated = None
             mx.eval(model.parameters(), optimizer.state, loss)
             loss_value = loss.item()
             if not math.isfinite(loss_value):
-                raise TrainingError(
-                    f"The loss became {loss_value} at step {step}; training stopped. The last good checkpoint "
-                    f"(step {saved}) is in {adapter_path / CHECKPOINT}. Try a lower --learning-rate or --max-grad-norm."
-                )
+                raise diverged(f"The loss became {loss_value} at step {step}", saved, adapter_path)
+            watch.step(loss_value)
             window_loss += loss_value
             window_tokens += int(tokens.item())
             window_steps += 1
@@ -292,9 +356,15 @@ def train(
                     f"It/sec {window_steps / window_time:.3f}, Tokens/sec {window_tokens / window_time:.3f}, "
                     f"Trained Tokens {trained_tokens}, Peak mem {mx.get_peak_memory() / 1e9:.3f} GB"
                 )
+                watch.report(step, window_loss / window_steps, say)
                 window_loss, window_tokens, window_steps, window_time = 0.0, 0, 0, 0.0
             if step % args.save_every == 0 or step == args.iters or stop.requested:
                 if accumulated is None:  # only between optimizer updates
+                    # A checkpoint is good only if the loss on its weights is finite: the loss above was on
+                    # the weights before this step's update.
+                    after = finite_loss_after_update(model, batch)
+                    if not math.isfinite(after):
+                        raise diverged(f"The loss became {after} after the update of step {step}", saved, adapter_path)
                     if is_main:
                         save_checkpoint(adapter_path, model, optimizer, step)
                     saved = step
