@@ -29,7 +29,7 @@ from mlx_eve.shard_writer import ShardWriter, TensorSpec, shard_names  # noqa: E
 
 def checkpoint_specs(config: dict):
     """Names and shapes of an original EVEv2 checkpoint with this config (biases and norms included)."""
-    D, I, V = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
+    D, I, V = config["hidden_size"], config["intermediate_size"], config["vocab_size"]  # noqa: E741
     H, KV, C = config["num_attention_heads"], config["num_key_value_heads"], config["mm_hidden_size"]
     hd = D // H
     shapes = {"model.embed_tokens.weight": (V, D), "model.norm.weight": (D,), "lm_head.weight": (V, D)}
@@ -45,17 +45,31 @@ def checkpoint_specs(config: dict):
                 shapes[f"{p}self_attn.{copy}{name}_proj.bias"] = (out,)
             shapes[f"{p}self_attn.{copy}o_proj.weight"] = (D, H * hd)
             mlp = f"{p}{copy}mlp." if copy else f"{p}mlp."
-            shapes.update({mlp + "gate_proj.weight": (I, D), mlp + "up_proj.weight": (I, D), mlp + "down_proj.weight": (D, I)})
+            shapes.update(
+                {mlp + "gate_proj.weight": (I, D), mlp + "up_proj.weight": (I, D), mlp + "down_proj.weight": (D, I)}
+            )
             shapes[f"{p}{copy}input_layernorm.weight"] = (D,)
             shapes[f"{p}{copy}post_attention_layernorm.weight"] = (D,)
     return [TensorSpec(k, s, mx.bfloat16) for k, s in shapes.items()]
 
 
 def write_checkpoint(path: Path, size_gb: float, shards: int) -> int:
-    config = v2_config(hidden_size=2048, intermediate_size=11008, num_attention_heads=16, num_key_value_heads=2,
-                       mm_hidden_size=1024, vocab_size=32000, num_hidden_layers=1, torch_dtype="bfloat16")
-    per_layer = sum(s.nbytes for s in checkpoint_specs(config)) - sum(s.nbytes for s in checkpoint_specs({**config, "num_hidden_layers": 0}))
-    config["num_hidden_layers"] = max(1, round((size_gb * 1e9 - (sum(s.nbytes for s in checkpoint_specs(config)) - per_layer)) / per_layer))
+    config = v2_config(
+        hidden_size=2048,
+        intermediate_size=11008,
+        num_attention_heads=16,
+        num_key_value_heads=2,
+        mm_hidden_size=1024,
+        vocab_size=32000,
+        num_hidden_layers=1,
+        torch_dtype="bfloat16",
+    )
+    per_layer = sum(s.nbytes for s in checkpoint_specs(config)) - sum(
+        s.nbytes for s in checkpoint_specs({**config, "num_hidden_layers": 0})
+    )
+    config["num_hidden_layers"] = max(
+        1, round((size_gb * 1e9 - (sum(s.nbytes for s in checkpoint_specs(config)) - per_layer)) / per_layer)
+    )
     specs = checkpoint_specs(config)
     total = sum(s.nbytes for s in specs)
     path.mkdir(parents=True)
@@ -73,7 +87,9 @@ def write_checkpoint(path: Path, size_gb: float, shards: int) -> int:
             writer.write(spec.name, array)
             weight_map[spec.name] = name
         writer.close()
-    (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
+    (path / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map})
+    )
     (path / "config.json").write_text(json.dumps(config, indent=2))
     (path / "preprocessor_config.json").write_text(json.dumps(v2_preprocessor()))
     write_v2_tokenizer(path)

@@ -2,14 +2,14 @@
 
 import json
 from pathlib import Path
-from typing import List, Union
+from typing import Union
 
 import mlx.core as mx
-import mlx.nn as nn
 from mlx.utils import tree_flatten
 from mlx_lm.tuner.utils import linear_to_lora_layers
 
 from .errors import CheckpointError
+from .families import family_of
 from .models.base import EVEModel
 
 
@@ -24,25 +24,11 @@ def make_trainable(model: EVEModel, config: dict) -> None:
     else:
         # More layers than the model has (e.g. the default 16 on a small model) means all of them.
         linear_to_lora_layers(model, config["num_layers"], config["lora_parameters"], use_dora=fine_tune_type == "dora")
-    for module in _patch_embedding(model):
+    for module in family_of(model.model_type).patch_embedding_modules(model):
         if config.get("train_patch_embedding"):
             module.unfreeze()
         elif config.get("freeze_patch_embedding"):
             module.freeze()
-
-
-# The layers that turn pixels into embeddings: the patch embedding, and EVEv1's projector after it.
-PATCH_EMBEDDING = ("vision_tower", "mm_projector")
-
-
-def _patch_embedding(model: EVEModel) -> List[nn.Module]:
-    modules = [model.model.get(name, []) for name in PATCH_EMBEDDING]
-    return [m for module in modules for m in (module if isinstance(module, list) else [module])]
-
-
-def is_patch_embedding(path: str) -> bool:
-    """Whether a parameter path such as ``model.vision_tower.patch_embedding.0.weight`` belongs to it."""
-    return path.split(".")[:2] in (["model", name] for name in PATCH_EMBEDDING)
 
 
 def load_adapters(model: EVEModel, adapter_path: Union[str, Path]) -> EVEModel:
@@ -53,15 +39,26 @@ def load_adapters(model: EVEModel, adapter_path: Union[str, Path]) -> EVEModel:
     for required in (config_file, weights_file):
         if not required.is_file():
             raise CheckpointError(f"No {required.name} in the adapter folder {adapter_path}.")
-    make_trainable(model, json.loads(config_file.read_text()))
+    try:
+        config = json.loads(config_file.read_text())
+        if not isinstance(config, dict):
+            raise ValueError(f"a JSON object was expected, not a {type(config).__name__}")
+        make_trainable(model, config)
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{config_file} is not a valid adapter configuration: {e!s}") from e
     trained = dict(tree_flatten(model.trainable_parameters()))
-    weights = mx.load(str(weights_file))
-    errors = []
+    try:
+        weights = mx.load(str(weights_file))
+    except Exception as e:  # MLX reports a truncated or foreign file as a RuntimeError or ValueError
+        raise CheckpointError(f"Could not read {weights_file}: {e}") from e
+    errors = [f"  {name}: missing from the adapters" for name in sorted(trained.keys() - weights.keys())]
     for name, w in weights.items():
         if name not in trained:
             errors.append(f"  {name}: not a parameter these adapters train")
         elif w.shape != trained[name].shape:
-            errors.append(f"  {name}: shape {tuple(w.shape)} in the adapters, {tuple(trained[name].shape)} in the model")
+            errors.append(
+                f"  {name}: shape {tuple(w.shape)} in the adapters, {tuple(trained[name].shape)} in the model"
+            )
     if errors:
         raise CheckpointError(f"The adapters in {adapter_path} do not fit this model:\n" + "\n".join(errors))
     model.load_weights([(name, w.astype(trained[name].dtype)) for name, w in weights.items()], strict=False)

@@ -12,15 +12,17 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Union
+from typing import Dict, List, Optional, Union
 
 import mlx.core as mx
-import mlx.nn as nn
 from mlx.utils import tree_flatten
+from mlx_lm.convert import QUANT_RECIPES
 
+from . import quantization
+from .arguments import ArgumentParser
 from .errors import EVEError, run_cli
-from .image_processing import load_image_processor
-from .loading import WeightReader, build_model, check_weights, get_model_path, read_config
+from .families import family_of
+from .loading import HUB_REPO_ID, WeightReader, check_weights, get_model_path, model_skeleton
 from .models.base import EVEModel
 from .processor import copy_processor_files
 from .saving import (
@@ -34,59 +36,18 @@ from .saving import (
 from .shard_writer import TensorSpec
 
 DTYPES = ["float16", "bfloat16", "float32"]
-# The patch embedding layer (and EVEv1's projector) stays in floating point: it is small, and it sees
-# raw pixels.
-FLOAT_MODULES = (".vision_tower", ".mm_projector")
 
 
 class ConvertError(EVEError, ValueError):
     pass
 
 
-def quant_recipe(name: str, model: EVEModel, group_size: int) -> Callable[[str, nn.Module], dict]:
-    """``mixed_<low>_<high>``: ``high`` bits for the embeddings, the LM head, every layer in the first and
-    last eighth of the decoder, and the v/down projections of every third layer in between (both
-    branches); ``low`` bits elsewhere. The layer choice follows llama.cpp's Q4_K_M, as mlx-lm's recipes do.
-    """
-    try:
-        _, low, high = name.split("_")
-        low, high = int(low), int(high)
-    except ValueError:
-        raise ConvertError(f"Unknown quantization recipe {name!r}: use mixed_<low>_<high>, e.g. mixed_4_6.") from None
-    n = len(model.layers)
-
-    def predicate(path: str, module: nn.Module) -> dict:
-        bits = low
-        if "embed_tokens" in path or "lm_head" in path:
-            bits = high
-        elif ".layers." in path:
-            i = int(path.split(".layers.")[1].split(".")[0])
-            edge = i < max(n // 8, 1) or i >= n - max(n // 8, 1)
-            if edge or (("v_proj" in path or "down_proj" in path) and (i - n // 8) % 3 == 2):
-                bits = high
-        return {"group_size": group_size, "bits": bits, "mode": "affine"}
-
-    return predicate
-
-
-def quantization_plan(
-    model: EVEModel, group_size: int, bits: int, predicate: Optional[Callable] = None
-) -> Dict[str, dict]:
-    """Module path → quantization parameters, for every decoder linear (both branches), embedding, head."""
-    plan = {}
-    for path, module in model.named_modules():
-        if not hasattr(module, "to_quantized") or any(m in f".{path}" for m in FLOAT_MODULES):
-            continue
-        if module.weight.shape[-1] % group_size:
-            continue  # MLX quantizes rows in whole groups; such a layer stays in floating point
-        plan[path] = predicate(path, module) if predicate else {"group_size": group_size, "bits": bits, "mode": "affine"}
-    return plan
-
-
 class Converter:
     """The per-module transformation, applied first to lazy zeros (the plan) and then to real tensors."""
 
-    def __init__(self, model: EVEModel, dtype: Optional[mx.Dtype], quantize: Dict[str, dict], dequantize: Dict[str, dict]):
+    def __init__(
+        self, model: EVEModel, dtype: Optional[mx.Dtype], quantize: Dict[str, dict], dequantize: Dict[str, dict]
+    ):
         self.model, self.dtype, self.quantize, self.dequantize = model, dtype, quantize, dequantize
 
     def __call__(self, tensors: Dict[str, mx.array]) -> Dict[str, mx.array]:
@@ -94,10 +55,15 @@ class Converter:
         for path, params in self.dequantize.items():
             if f"{path}.scales" in weights:
                 weights[f"{path}.weight"] = mx.dequantize(
-                    weights[f"{path}.weight"], weights.pop(f"{path}.scales"), weights.pop(f"{path}.biases", None), **params
+                    weights[f"{path}.weight"],
+                    weights.pop(f"{path}.scales"),
+                    weights.pop(f"{path}.biases", None),
+                    **params,
                 )
         if self.dtype is not None:
-            weights = {k: v.astype(self.dtype) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in weights.items()}
+            weights = {
+                k: v.astype(self.dtype) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in weights.items()
+            }
         for key in list(weights):
             path = key[: -len(".weight")]
             if key.endswith(".weight") and path in self.quantize:
@@ -114,19 +80,6 @@ def _modules(keys: List[str]) -> Dict[str, List[str]]:
     for key in keys:
         groups.setdefault(key.rsplit(".", 1)[0], []).append(key)
     return groups
-
-
-def _source_quantization(config: dict, reader: WeightReader) -> Dict[str, dict]:
-    """Module path → parameters of every layer an MLX checkpoint holds quantized."""
-    quantization = config.get("quantization") or {}
-    default = {"group_size": quantization.get("group_size", 64), "bits": quantization.get("bits", 4)}
-    plan = {}
-    for key in reader.keys():
-        if key.endswith(".scales"):
-            path = key[: -len(".scales")]
-            override = quantization.get(path)
-            plan[path] = {k: override[k] for k in ("group_size", "bits")} if isinstance(override, dict) else default
-    return plan
 
 
 def convert(
@@ -151,27 +104,31 @@ def convert(
     if dtype is not None and dtype not in DTYPES:
         raise ConvertError(f"Unsupported --dtype {dtype!r}: use one of {', '.join(DTYPES)}.")
     out = Path(mlx_path).expanduser()
-    check_output(out, force)
+    check_output(out, force, keep=[Path(hf_path)])
+    if upload_repo is not None:
+        check_upload(upload_repo)
 
     source = get_model_path(hf_path, revision)
-    config = read_config(source)
-    image_processor = load_image_processor(source, config)
-    model = build_model(config, image_processor.model_args())  # a skeleton: its weights are never evaluated
+    config, image_processor, model = model_skeleton(source)  # the model's own weights are never evaluated
     reader = WeightReader(source)
-    source_quantization = _source_quantization(config, reader)
+    placeholders = {k: mx.zeros(*reader.spec(k)) for k in reader.keys()}  # lazy: nothing is allocated
+    source_quantization = quantization.of_checkpoint(model, config, model.sanitize(placeholders))
     if source_quantization and not dequantize:
-        raise ConvertError(f"{hf_path} is already quantized: convert the original checkpoint, or pass -d to dequantize it.")
+        raise ConvertError(
+            f"{hf_path} is already quantized: convert the original checkpoint, or pass -d to dequantize it."
+        )
     if dequantize and not source_quantization:
         raise ConvertError(f"{hf_path} is not quantized: there is nothing to dequantize.")
 
     target_dtype = dtype or config.get("torch_dtype")
-    plan, quantization = {}, None
+    plan = {}
     if quantize:
-        predicate = quant_recipe(quant_predicate, model, q_group_size) if quant_predicate else None
-        plan = quantization_plan(model, q_group_size, q_bits, predicate)
-        # As mlx-lm records it: the defaults, plus every layer's own parameters when a recipe chose them.
-        quantization = {"group_size": q_group_size, "bits": q_bits, "mode": "affine", **(plan if predicate else {})}
-    converter = Converter(model, getattr(mx, target_dtype) if target_dtype in DTYPES else None, plan, source_quantization)
+        keep_float = family_of(config["model_type"]).patch_embedding_paths
+        plan = quantization.plan(model, q_bits, q_group_size, quant_predicate, keep_float)
+    quantization_config = quantization.config_block(plan)
+    converter = Converter(
+        model, getattr(mx, target_dtype) if target_dtype in DTYPES else None, plan, source_quantization
+    )
 
     # Plan: run the conversion on lazy zeros of the right shapes; nothing is read or computed.
     modules = _modules(reader.keys())
@@ -180,8 +137,7 @@ def convert(
         zeros = {k: mx.zeros(*reader.spec(k)) for k in keys}
         outputs[path] = [TensorSpec(k, tuple(v.shape), v.dtype) for k, v in converter(zeros).items()]
     parameters = sum(v.size for _, v in tree_flatten(model.parameters()))  # before quantizing the skeleton
-    if plan:
-        nn.quantize(model, class_predicate=lambda p, m: plan.get(p, False))
+    quantization.apply(model, plan)
     check_weights(model, {s.name: mx.zeros(s.shape, s.dtype) for specs in outputs.values() for s in specs}, source)
     specs = [s for path in modules for s in outputs[path]]
     total_bytes = sum(s.nbytes for s in specs)
@@ -198,12 +154,15 @@ def convert(
         return pending.pop(spec.name)
 
     try:
-        with staged_folder(out, force) as folder:
+        with staged_folder(out, force, keep=[source]) as folder:
             write_weights(folder, specs, produce, int(max_shard_gb * 2**30))
             copy_processor_files(source, folder, image_processor)
-            write_config(folder, config, quantization, target_dtype if target_dtype in DTYPES else None)
+            write_config(folder, config, quantization_config, target_dtype if target_dtype in DTYPES else None)
             command = command or f"python convert.py --hf-path {hf_path}"
-            write_model_card(folder, hf_path, command, precision_name({**config, "quantization": quantization, "torch_dtype": target_dtype}))
+            precision = quant_predicate or precision_name(
+                {**config, "quantization": quantization_config, "torch_dtype": target_dtype}
+            )
+            write_model_card(folder, hf_path, command, precision)
     except OSError as e:
         raise ConvertError(f"Writing {out} failed: {e}") from e
 
@@ -221,7 +180,25 @@ def _check_disk_space(out: Path, needed: int) -> None:
     existing = next((p for p in [out, *out.parents] if p.exists()), Path("."))
     free = shutil.disk_usage(existing).free
     if needed * 1.02 + 2**20 > free:
-        raise ConvertError(f"Not enough disk space for {out}: it needs {needed / 1e9:.2f} GB, {free / 1e9:.2f} GB are free.")
+        raise ConvertError(
+            f"Not enough disk space for {out}: it needs {needed / 1e9:.2f} GB, {free / 1e9:.2f} GB are free."
+        )
+
+
+def check_upload(repo_id: str) -> None:
+    """Fail before any work if ``repo_id`` cannot be uploaded to: a malformed id, no network, no login."""
+    from huggingface_hub import HfApi
+
+    if not HUB_REPO_ID.match(repo_id):
+        raise ConvertError(f"--upload-repo {repo_id!r} is not a Hugging Face repo id (user/name).")
+    try:
+        HfApi().whoami()
+    except Exception as e:
+        detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConvertError(
+            f"Cannot upload to {repo_id}: the Hugging Face Hub did not accept this machine's login ({detail}). "
+            "Check the network and run `hf auth login`, or leave out --upload-repo."
+        ) from e
 
 
 def upload_to_hub(path: Path, repo_id: str) -> None:
@@ -236,13 +213,20 @@ def upload_to_hub(path: Path, repo_id: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Convert an EVE checkpoint (Hugging Face / PyTorch) to MLX.")
-    p.add_argument("--hf-path", "--model", required=True, help="Local folder or Hugging Face repo of the original model.")
+    p = ArgumentParser(description="Convert an EVE checkpoint (Hugging Face / PyTorch) to MLX.")
+    p.add_argument(
+        "--hf-path", "--model", required=True, help="Local folder or Hugging Face repo of the original model."
+    )
     p.add_argument("--mlx-path", default="mlx_model", help="Where to write the MLX model.")
     p.add_argument("-q", "--quantize", action="store_true", help="Quantize the decoder and embeddings.")
     p.add_argument("--q-bits", type=int, default=4, choices=[2, 3, 4, 6, 8], help="Bits per weight.")
     p.add_argument("--q-group-size", type=int, default=64, choices=[32, 64, 128], help="Quantization group size.")
-    p.add_argument("--quant-predicate", default=None, help="Mixed-precision recipe: mixed_2_6, mixed_3_6, mixed_4_6, mixed_4_8, ...")
+    p.add_argument(
+        "--quant-predicate",
+        choices=QUANT_RECIPES,
+        default=None,
+        help="mlx-lm's mixed-precision recipe: more bits for the LM head and for v_proj/down_proj of some layers.",
+    )
     p.add_argument("--dtype", choices=DTYPES, default=None, help="Floating point type (default: the checkpoint's).")
     p.add_argument("-d", "--dequantize", action="store_true", help="Dequantize a quantized MLX model.")
     p.add_argument("--upload-repo", default=None, help="Hugging Face repo to upload the result to.")

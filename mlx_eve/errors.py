@@ -12,6 +12,10 @@ class ImageError(EVEError, ValueError):
     """An image that cannot be read or used (corrupt, empty, too large, unsupported)."""
 
 
+class PromptError(EVEError, ValueError):
+    """A prompt or conversation that cannot be rendered: empty, wrong roles or content, misplaced images."""
+
+
 class PromptTooLongError(EVEError, ValueError):
     """The prompt (text plus image tokens) does not fit in the model's context."""
 

@@ -1,9 +1,8 @@
 """Merge trained adapters into the model and save it as a model folder that loads without them.
 
-    python -m mlx_eve.fuse --model BAAI/EVE-7B-HD-v2.0 --adapter-path adapters --save-path eve-fused
+python -m mlx_eve.fuse --model BAAI/EVE-7B-HD-v2.0 --adapter-path adapters --save-path eve-fused
 """
 
-import argparse
 import shlex
 import sys
 from pathlib import Path
@@ -14,7 +13,8 @@ import mlx.nn as nn
 from mlx.utils import tree_unflatten
 from mlx_lm.utils import dequantize_model
 
-from .convert import upload_to_hub
+from .arguments import ArgumentParser
+from .convert import check_upload, upload_to_hub
 from .errors import run_cli
 from .loading import get_model_path, load, read_config
 from .saving import check_output, save_model
@@ -29,7 +29,10 @@ def fuse(
     upload_repo: Optional[str] = None,
     command: Optional[str] = None,
 ) -> Path:
-    check_output(Path(save_path), force)
+    keep = [Path(model_path), Path(adapter_path)]
+    check_output(Path(save_path), force, keep)
+    if upload_repo is not None:
+        check_upload(upload_repo)
     model, processor = load(model_path, adapter_path=adapter_path)
     quantized = any(isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)) for _, m in model.named_modules())
     if quantized and not dequantize:
@@ -43,12 +46,13 @@ def fuse(
         model.update_modules(tree_unflatten(fused))
     if dequantize:
         model = dequantize_model(model)
-    config = read_config(get_model_path(model_path))
+    source = get_model_path(model_path)
+    config = read_config(source)
     stored = config.get("torch_dtype")
-    if stored in ("float16", "bfloat16"):  # a CPU loads 16-bit weights as float32 (loading.compute_dtype)
+    if stored in ("float16", "bfloat16"):  # a CPU loads 16-bit weights as float32 (cpu.compute_dtype)
         model.set_dtype(getattr(mx, stored))
     command = command or f"python -m mlx_eve.fuse --model {model_path} --adapter-path {adapter_path}"
-    out = save_model(model, processor, config, Path(save_path), model_path, command, force=force)
+    out = save_model(model, processor, config, Path(save_path), model_path, command, force, [source, *keep])
     print(f"[INFO] Saved the fused model to {out}")
     if upload_repo is not None:
         upload_to_hub(out, upload_repo)
@@ -56,9 +60,11 @@ def fuse(
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    p = argparse.ArgumentParser(description="Merge LoRA/DoRA adapters (or full fine-tuned weights) into an EVE model.")
+    p = ArgumentParser(description="Merge LoRA/DoRA adapters (or full fine-tuned weights) into an EVE model.")
     p.add_argument("--model", required=True, help="The base model the adapters were trained on.")
-    p.add_argument("--adapter-path", default="adapters", help="Folder with adapter_config.json and adapters.safetensors.")
+    p.add_argument(
+        "--adapter-path", default="adapters", help="Folder with adapter_config.json and adapters.safetensors."
+    )
     p.add_argument("--save-path", default="fused_model", help="Where to write the fused model.")
     p.add_argument("--dequantize", action="store_true", help="Write a floating-point model from a quantized base.")
     p.add_argument("--force", action="store_true", help="Replace an existing, non-empty --save-path.")
@@ -66,7 +72,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = p.parse_args(argv)
     command = shlex.join(["python", "-m", "mlx_eve.fuse", *(sys.argv[1:] if argv is None else argv)])
     return run_cli(
-        lambda: fuse(args.model, args.adapter_path, args.save_path, args.dequantize, args.force, args.upload_repo, command)
+        lambda: fuse(
+            args.model, args.adapter_path, args.save_path, args.dequantize, args.force, args.upload_repo, command
+        )
     )
 
 

@@ -3,7 +3,6 @@
 import argparse
 import sys
 from dataclasses import dataclass, fields
-from pathlib import Path
 from typing import Generator, List, Optional, Sequence, Union
 
 import mlx.core as mx
@@ -12,15 +11,17 @@ from mlx_lm.generate import GenerationResponse as LMGenerationResponse
 from mlx_lm.generate import stream_generate as lm_stream_generate
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
-from .errors import run_cli
+from .arguments import COUNT, NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE, PROBABILITY, ArgumentParser, number
+from .demo import BUNDLED_MODEL
+from .errors import PromptError, run_cli
 from .image import ImageInput
 from .loading import load
 from .models import IMAGE_TOKEN_ID
 from .models.base import EVEModel
 from .processor import ModelInputs, Processor, Prompt
 
-# The small model shipped in this repository, used when no --model is given.
-BUNDLED_MODEL = Path(__file__).resolve().parent.parent / "examples" / "models" / "eve-shapes"
+# Asked when images come without a question.
+DESCRIBE = "Describe the image."
 
 
 @dataclass
@@ -122,27 +123,35 @@ def generate(
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Ask an EVE model about one or more images, streaming the answer.")
-    p.add_argument("--model", default=None, help=f"Model folder or Hugging Face repo (default: {BUNDLED_MODEL.name}).")
-    p.add_argument("--image", nargs="+", default=[], help="Image paths or URLs, in the order of <image> in the prompt.")
-    p.add_argument("--prompt", "-p", default="Describe the image.", help="The question ('-' reads stdin).")
-    p.add_argument("--system-prompt", default=None, help="Replace the template's system prompt.")
-    p.add_argument("--max-tokens", "-m", type=int, default=256, help="Maximum number of tokens to generate.")
-    p.add_argument("--temp", "--temperature", dest="temp", type=float, default=0.0, help="Sampling temperature.")
-    p.add_argument("--top-p", type=float, default=1.0, help="Nucleus sampling threshold.")
-    p.add_argument("--top-k", type=int, default=0, help="Sample from the k most likely tokens (0: all).")
-    p.add_argument("--min-p", type=float, default=0.0, help="Minimum probability relative to the top token.")
-    p.add_argument("--repetition-penalty", type=float, default=None, help="Penalty for repeated tokens (>1).")
-    p.add_argument("--repetition-context-size", type=int, default=20, help="Tokens the penalty looks back at.")
-    p.add_argument("--seed", type=int, default=None, help="Random seed for sampling.")
-    p.add_argument("--max-size", type=int, default=None, help="EVEv2 image resolution (default 1600).")
-    p.add_argument("--adapter-path", default=None, help="Folder with LoRA adapters to apply.")
-    p.add_argument("--max-kv-size", type=int, default=None, help="Keep at most this many tokens in the KV cache.")
-    p.add_argument("--kv-bits", type=int, default=None, help="Quantize the KV cache to this many bits.")
-    p.add_argument("--kv-group-size", type=int, default=64, help="Group size for KV cache quantization.")
-    p.add_argument("--quantized-kv-start", type=int, default=5000, help="Quantize the KV cache from this step.")
-    p.add_argument("--prefill-step-size", type=int, default=2048, help="Prompt tokens processed per step.")
-    p.add_argument("--verbose", action="store_true", help="Show the templated prompt and image details.")
+    p = ArgumentParser(description="Ask an EVE model about one or more images, streaming the answer.")
+    add = p.add_argument
+    add("--model", default=None, help=f"Model folder or Hugging Face repo (default: {BUNDLED_MODEL.name}).")
+    add("--image", nargs="+", default=[], help="Image paths or URLs, in the order of <image> in the prompt.")
+    add("--prompt", "-p", default=None, help=f"The question ('-' reads stdin; with images: {DESCRIBE!r}).")
+    add("--system-prompt", default=None, help="Replace the template's system prompt.")
+    add("--max-tokens", "-m", type=COUNT, default=256, help="Maximum number of tokens to generate.")
+    add("--temp", "--temperature", dest="temp", type=NON_NEGATIVE, default=0.0, help="Sampling temperature.")
+    add(
+        "--top-p",
+        type=number(float, "a number in (0, 1]", lambda v: 0 < v <= 1),
+        default=1.0,
+        help="Nucleus sampling threshold.",
+    )
+    add("--top-k", type=NON_NEGATIVE_INT, default=0, help="Sample from the k most likely tokens (0: all).")
+    add("--min-p", type=PROBABILITY, default=0.0, help="Minimum probability relative to the top token.")
+    add("--repetition-penalty", type=POSITIVE, default=None, help="Penalty for repeated tokens (>1).")
+    add("--repetition-context-size", type=COUNT, default=20, help="Tokens the penalty looks back at.")
+    add("--seed", type=NON_NEGATIVE_INT, default=None, help="Random seed for sampling.")
+    add("--max-size", type=COUNT, default=None, help="EVEv2 image resolution (default: the model's).")
+    add("--adapter-path", default=None, help="Folder with LoRA adapters to apply.")
+    add("--max-kv-size", type=COUNT, default=None, help="Keep at most this many tokens in the KV cache.")
+    add(
+        "--kv-bits", type=int, choices=[2, 3, 4, 5, 6, 8], default=None, help="Quantize the KV cache to this many bits."
+    )
+    add("--kv-group-size", type=int, choices=[32, 64, 128], default=64, help="Group size for KV cache quantization.")
+    add("--quantized-kv-start", type=NON_NEGATIVE_INT, default=5000, help="Quantize the KV cache from this step.")
+    add("--prefill-step-size", type=COUNT, default=2048, help="Prompt tokens processed per step.")
+    add("--verbose", action="store_true", help="Show the templated prompt and image details.")
     return p
 
 
@@ -151,10 +160,27 @@ def main(argv: Optional[List[str]] = None) -> int:
     return run_cli(lambda: run(args))
 
 
+def read_prompt(prompt: Optional[str], with_images: bool) -> str:
+    """The question: ``-p`` text (``\\n`` for a new line), standard input for ``-``; with images and no
+    question, a request to describe them."""
+    if prompt is None:
+        if not with_images:
+            raise PromptError("Give a question with -p/--prompt (or an --image to describe).")
+        return DESCRIBE
+    if prompt != "-":
+        return prompt.replace("\\n", "\n")
+    try:
+        return sys.stdin.buffer.read().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise PromptError(
+            f"The prompt read from standard input is not UTF-8 text ({e.reason} at byte {e.start})."
+        ) from e
+
+
 def run(args: argparse.Namespace) -> None:
     if args.seed is not None:
         mx.random.seed(args.seed)
-    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt.replace("\\n", "\n")
+    prompt = read_prompt(args.prompt, bool(args.image))
     model_path = args.model or str(BUNDLED_MODEL)
     model, processor = load(model_path, adapter_path=args.adapter_path, max_size=args.max_size)
     inputs = processor(prompt, args.image, args.system_prompt)

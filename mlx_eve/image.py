@@ -94,9 +94,7 @@ def _from_array(array: np.ndarray) -> Image.Image:
     if array.ndim == 3 and array.shape[-1] == 1:
         array = array[..., 0]
     if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] not in (3, 4)):
-        raise ImageError(
-            f"Expected an image array of shape (H, W), (H, W, 3) or (H, W, 4); got {array.shape}."
-        )
+        raise ImageError(f"Expected an image array of shape (H, W), (H, W, 3) or (H, W, 4); got {array.shape}.")
     _check_size((array.shape[1], array.shape[0]), "the given array")
     if array.dtype == np.uint8:
         pass
@@ -125,9 +123,7 @@ def _to_rgb(image: Image.Image) -> Image.Image:
         else:
             top = 65535.0 if values.max() > 255 else 255.0
         image = Image.fromarray(np.clip(values * (255.0 / top), 0, 255).round().astype(np.uint8))
-    has_alpha = image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
-        image.mode == "P" and "transparency" in image.info
-    )
+    has_alpha = image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (image.mode == "P" and "transparency" in image.info)
     if has_alpha:
         # Transparent pixels are shown on white rather than on whatever colour they happen to store.
         rgba = image.convert("RGBA")

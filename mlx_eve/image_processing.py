@@ -12,12 +12,13 @@ import math
 import re
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Dict, Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import numpy as np
 from PIL import Image
 
-from .errors import CheckpointError
+from .errors import CheckpointError, ImageError
+from .fields import field_problems
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -61,6 +62,26 @@ class ImageProcessor:
         """This processor at another resolution, where the model family allows one (EVEv2)."""
         return self
 
+    @classmethod
+    def settings_from_name(cls, name: str) -> dict:
+        """The reference's preprocessor folders are named after their settings; the checkpoints only name them."""
+        return {}
+
+    @classmethod
+    def from_pretrained(cls, model_path: Path, config: dict, max_size: Optional[int] = None) -> "ImageProcessor":
+        """From ``preprocessor_config.json`` in the model folder, else from the ``mm_vision_tower`` name.
+
+        ``max_size`` overrides the EVEv2 resolution (ignored for EVEv1, whose sizes are fixed by training).
+        """
+        settings = _read_settings(model_path, config, cls.settings_from_name)
+        settings = {k: v for k, v in settings.items() if k in cls.__dataclass_fields__}
+        problems = field_problems(settings, cls)
+        if problems:
+            raise CheckpointError(f"The image processor settings of {model_path} are wrong: {'; '.join(problems)}.")
+        processor = cls(**settings)
+        processor.image_mean, processor.image_std = tuple(processor.image_mean), tuple(processor.image_std)
+        return processor.with_max_size(max_size)
+
 
 @dataclass
 class AnyPixelProcessor(ImageProcessor):
@@ -78,6 +99,12 @@ class AnyPixelProcessor(ImageProcessor):
 
     def model_args(self) -> Dict[str, int]:
         return {"patch_stride": self.patch_stride, "conv_stride": self.conv_stride}
+
+    @classmethod
+    def settings_from_name(cls, name: str) -> dict:
+        if match := re.fullmatch(r"eve-patch(\d+)-anypixel-(\d+)", name):
+            return {"patch_stride": int(match[1]), "image_size": int(match[2])}
+        return {}
 
     def target_size(self, width: int, height: int) -> Tuple[int, int]:
         S, p = self.image_size_clip, self.patch_stride_clip
@@ -107,11 +134,19 @@ class AnyRatioProcessor(ImageProcessor):
     def model_args(self) -> Dict[str, int]:
         return {"patch_stride": self.patch_stride, "dense_stride": self.dense_stride}
 
+    @classmethod
+    def settings_from_name(cls, name: str) -> dict:
+        if match := re.fullmatch(r"eve-anyratio-res(\d+)-patch(\d+)", name):
+            return {"max_size": int(match[1]), "patch_stride": int(match[2])}
+        return {}
+
     def with_max_size(self, max_size: Optional[int]) -> "AnyRatioProcessor":
         if max_size is None:
             return self
-        if max_size < self.token_stride:
-            raise ValueError(f"max_size must be at least {self.token_stride}, got {max_size}.")
+        if isinstance(max_size, bool) or not isinstance(max_size, int) or max_size < self.token_stride:
+            raise ImageError(
+                f"The image resolution (max_size) must be an integer of at least {self.token_stride}, not {max_size!r}."
+            )
         return replace(self, max_size=max_size)
 
     def target_size(self, width: int, height: int) -> Tuple[int, int]:
@@ -124,41 +159,26 @@ class AnyRatioProcessor(ImageProcessor):
         )
 
 
-PROCESSORS = {"eve": AnyPixelProcessor, "eve-qwen2": AnyRatioProcessor}
-
-
-def _settings_from_name(name: str) -> dict:
-    """The reference's preprocessor folders are named after their settings; the checkpoints only name them."""
-    base = name.rstrip("/").split("/")[-1]
-    if match := re.fullmatch(r"eve-patch(\d+)-anypixel-(\d+)", base):
-        return {"patch_stride": int(match[1]), "image_size": int(match[2])}
-    if match := re.fullmatch(r"eve-anyratio-res(\d+)-patch(\d+)", base):
-        return {"max_size": int(match[1]), "patch_stride": int(match[2])}
-    return {}
-
-
-def load_image_processor(model_path: Path, config: dict, max_size: Optional[int] = None) -> ImageProcessor:
-    """From ``preprocessor_config.json`` in the model folder, else from the ``mm_vision_tower`` name.
-
-    ``max_size`` overrides the EVEv2 resolution (ignored for EVEv1, whose sizes are fixed by training).
-    """
-    cls = PROCESSORS[config["model_type"]]
+def _read_settings(model_path: Path, config: dict, from_name: Callable[[str], dict]) -> dict:
+    """``preprocessor_config.json`` of the model folder, else the settings its ``mm_vision_tower`` names."""
     file = model_path / "preprocessor_config.json"
     if file.exists():
-        settings = json.loads(file.read_text())
+        try:
+            settings = json.loads(file.read_text())
+        except (ValueError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{file} is not valid JSON: {e}") from e
+        if not isinstance(settings, dict):
+            raise CheckpointError(f"{file} should hold a JSON object, not a {type(settings).__name__}.")
         if "image_size" not in settings and isinstance(settings.get("crop_size"), (int, dict)):
             crop = settings["crop_size"]
             settings["image_size"] = crop["height"] if isinstance(crop, dict) else crop
-    else:
-        tower = config.get("mm_vision_tower", "")
-        settings = _settings_from_name(tower)
-        if not settings:
-            raise CheckpointError(
-                f"{model_path} has no preprocessor_config.json and its mm_vision_tower {tower!r} is not a "
-                "known EVE preprocessor name (eve-patch14-anypixel-672/1344, eve-anyratio-res1600-patch16); "
-                "add a preprocessor_config.json to the model folder."
-            )
-    fields = cls.__dataclass_fields__
-    processor = cls(**{k: v for k, v in settings.items() if k in fields})
-    processor.image_mean, processor.image_std = tuple(processor.image_mean), tuple(processor.image_std)
-    return processor.with_max_size(max_size)
+        return settings
+    tower = config.get("mm_vision_tower", "")
+    settings = from_name(tower.rstrip("/").split("/")[-1])
+    if not settings:
+        raise CheckpointError(
+            f"{model_path} has no preprocessor_config.json and its mm_vision_tower {tower!r} is not a "
+            "known EVE preprocessor name (eve-patch14-anypixel-672/1344, eve-anyratio-res1600-patch16); "
+            "add a preprocessor_config.json to the model folder."
+        )
+    return settings

@@ -3,6 +3,7 @@
 import json
 import pickle
 import re
+import sys
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
@@ -10,10 +11,13 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
+from . import quantization
 from .adapters import load_adapters
+from .cpu import compute_dtype, hint_openblas
 from .errors import CheckpointError, MissingDependencyError, ModelNotFoundError
-from .image_processing import load_image_processor
-from .models import model_module
+from .families import family_of
+from .fields import field_problems
+from .image_processing import ImageProcessor
 from .models.base import EVEModel
 from .processor import Processor
 
@@ -43,14 +47,13 @@ def load(
         max_size: EVEv2 image resolution (default from the checkpoint, 1600).
         lazy: leave the weights unevaluated until first use.
         dtype: cast the floating-point weights (quantization scales included) to this type. By default they
-            keep the checkpoint's, except on the CPU, where 16-bit weights become float32 (see ``compute_dtype``).
+            keep the checkpoint's, except on the CPU, where 16-bit weights become float32 (see ``cpu.compute_dtype``).
     """
+    hint_openblas()
     model_path = get_model_path(path_or_repo, revision)
-    config = read_config(model_path)
-    image_processor = load_image_processor(model_path, config, max_size)
-    model = build_model(config, image_processor.model_args())
+    config, image_processor, model = model_skeleton(model_path, max_size)
     weights = model.sanitize(read_weights(model_path))
-    quantize_like_checkpoint(model, config, weights)
+    quantization.apply(model, quantization.of_checkpoint(model, config, weights))
     check_weights(model, weights, model_path)
     model.load_weights(list(weights.items()))
     dtype = dtype or compute_dtype(model)
@@ -60,20 +63,13 @@ def load(
         model = load_adapters(model, adapter_path)
     if not lazy:
         mx.eval(model.parameters())
+        warn_if_not_finite(model, model_path)
     model.eval()
-    processor = Processor.from_pretrained(model_path, config, image_processor)
+    template = family_of(config["model_type"]).template
+    processor = Processor.from_pretrained(model_path, config, image_processor, template)
     if len(processor.tokenizer) < model.args.vocab_size:
         model.vocab_limit = len(processor.tokenizer)
     return model, processor
-
-
-def compute_dtype(model: nn.Module) -> Optional[mx.Dtype]:
-    """float32 for a 16-bit model on the CPU: MLX's CPU backend emulates half precision, about 10x slower
-    than float32 here, and 4-bit matmuls with 16-bit scales about 30x slower than with float32 ones."""
-    if mx.default_device() != mx.cpu:
-        return None
-    half = {mx.float16, mx.bfloat16}
-    return mx.float32 if any(v.dtype in half for _, v in tree_flatten(model.parameters())) else None
 
 
 def get_model_path(path_or_repo: str, revision: Optional[str] = None) -> Path:
@@ -116,15 +112,39 @@ def read_config(model_path: Path) -> dict:
         raise CheckpointError(f"{model_path} has no config.json: it is not a model folder.")
     try:
         config = json.loads(file.read_text())
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{file} is not valid JSON: {e}") from e
-    model_module(config.get("model_type"))  # unknown types fail here, with the supported ones listed
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{file} should hold a JSON object, not a {type(config).__name__}.")
+    if "model_type" not in config:
+        raise CheckpointError(f"{file} has no model_type: it does not describe an EVE model.")
+    family_of(config["model_type"])  # unknown types fail here, with the supported ones listed
     return config
 
 
-def build_model(config: dict, vision_args: Dict[str, int]) -> EVEModel:
-    module = model_module(config["model_type"])
-    return module.Model(module.ModelArgs.from_dict({**config, **vision_args}))
+def model_skeleton(model_path: Path, max_size: Optional[int] = None) -> Tuple[dict, ImageProcessor, EVEModel]:
+    """The config, the image processor and the model (with initial weights, not evaluated) of a model folder."""
+    config = read_config(model_path)
+    image_processor = family_of(config["model_type"]).image_processor.from_pretrained(model_path, config, max_size)
+    return config, image_processor, build_model(config, image_processor.model_args(), model_path / "config.json")
+
+
+def build_model(config: dict, vision_args: Dict[str, int], source: Path = Path("config.json")) -> EVEModel:
+    """The family's model for ``config`` (plus the image processor's strides); ``CheckpointError`` naming
+    every field that is missing, of the wrong type or out of range."""
+    family = family_of(config["model_type"])
+    model_class, args_class = family.model_classes()
+    values = {**config, **vision_args}
+    problems = field_problems(values, args_class)
+    heads, kv_heads = values.get("num_attention_heads"), values.get("num_key_value_heads")
+    if not problems and isinstance(kv_heads, int) and heads % kv_heads:
+        problems.append(f"num_attention_heads ({heads}) is not a multiple of num_key_value_heads ({kv_heads})")
+    try:
+        if not problems:
+            return model_class(args_class.from_dict(values))
+    except (TypeError, ValueError, KeyError) as e:
+        problems.append(str(e))
+    raise CheckpointError(f"{source} does not describe an {family.name} model: {'; '.join(problems)}.")
 
 
 def weight_files(model_path: Path) -> List[Path]:
@@ -132,7 +152,12 @@ def weight_files(model_path: Path) -> List[Path]:
     for index_name, pattern in WEIGHT_LAYOUTS:
         index = model_path / index_name
         if index.exists():
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            try:
+                shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            except (ValueError, KeyError, TypeError, AttributeError) as e:
+                raise CheckpointError(
+                    f"{index} is not a valid weight index (a JSON object with a weight_map): {e}"
+                ) from e
             missing = [s for s in shards if not (model_path / s).exists()]
             if missing:
                 raise CheckpointError(f"{index} lists shards that are missing: {', '.join(missing)}.")
@@ -140,9 +165,7 @@ def weight_files(model_path: Path) -> List[Path]:
         files = sorted(model_path.glob(pattern))
         if files:
             return files
-    raise CheckpointError(
-        f"No weights in {model_path}: expected model*.safetensors or pytorch_model*.bin files."
-    )
+    raise CheckpointError(f"No weights in {model_path}: expected model*.safetensors or pytorch_model*.bin files.")
 
 
 def read_weights(model_path: Path) -> Dict[str, mx.array]:
@@ -232,40 +255,32 @@ def _torch_to_mlx(tensor) -> mx.array:
     return mx.array(tensor.numpy())
 
 
-def quantize_like_checkpoint(model: nn.Module, config: dict, weights: Dict[str, mx.array]) -> None:
-    """Give the model the quantized layers an MLX checkpoint was saved with (mlx-lm's ``quantization``)."""
-    quantization = config.get("quantization")
-    if not quantization:
-        return
-    overrides = {k: v for k, v in quantization.items() if isinstance(v, (dict, bool))}
-
-    def predicate(path: str, module: nn.Module):
-        if path in overrides:
-            return overrides[path]
-        return hasattr(module, "to_quantized") and f"{path}.scales" in weights
-
-    nn.quantize(
-        model,
-        group_size=quantization["group_size"],
-        bits=quantization["bits"],
-        mode=quantization.get("mode", "affine"),
-        class_predicate=predicate,
-    )
-
-
 def check_weights(model: nn.Module, weights: Dict[str, mx.array], source: Path, shown: int = 8) -> None:
-    """Every weight present, nothing unknown, every shape right; otherwise an error naming the keys."""
+    """Every weight present, nothing unknown, every shape and type right; otherwise an error naming the keys.
+    A floating-point weight may be stored in any floating-point type; any other must be stored as the model
+    holds it (packed quantized weights as uint32)."""
     expected = dict(tree_flatten(model.parameters()))
     missing = sorted(expected.keys() - weights.keys())
     unexpected = sorted(weights.keys() - expected.keys())
-    wrong = sorted(
+    common = sorted(expected.keys() & weights.keys())
+    wrong = [
         f"{k} (checkpoint {tuple(weights[k].shape)}, model {tuple(expected[k].shape)})"
-        for k in expected.keys() & weights.keys()
+        for k in common
         if weights[k].shape != expected[k].shape
-    )
+    ]
+    mistyped = [
+        f"{k} (checkpoint {_dtype_name(weights[k])}, model {_dtype_name(expected[k])})"
+        for k in common
+        if not _same_kind(weights[k].dtype, expected[k].dtype)
+    ]
     problems = [
         (f"{len(keys)} {label}", keys)
-        for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrongly shaped", wrong))
+        for label, keys in (
+            ("missing", missing),
+            ("unexpected", unexpected),
+            ("wrongly shaped", wrong),
+            ("of the wrong type", mistyped),
+        )
         if keys
     ]
     if problems:
@@ -274,3 +289,30 @@ def check_weights(model: nn.Module, weights: Dict[str, mx.array], source: Path, 
             more = f", ... ({len(keys) - shown} more)" if len(keys) > shown else ""
             lines.append(f"  {label}: {', '.join(keys[:shown])}{more}")
         raise CheckpointError("\n".join(lines))
+
+
+def _same_kind(stored: mx.Dtype, wanted: mx.Dtype) -> bool:
+    floating = mx.issubdtype(wanted, mx.floating)
+    return mx.issubdtype(stored, mx.floating) if floating else stored == wanted
+
+
+def _dtype_name(array: mx.array) -> str:
+    return str(array.dtype).split(".")[-1]
+
+
+def warn_if_not_finite(model: nn.Module, source: Path, shown: int = 8) -> None:
+    """A warning naming the weights that hold NaN or Inf: such a model loads, but its answers are garbage."""
+    bad = [k for k, v in tree_flatten(model.parameters()) if mx.issubdtype(v.dtype, mx.floating) and not _finite(v)]
+    if bad:
+        more = f", ... ({len(bad) - shown} more)" if len(bad) > shown else ""
+        print(
+            f"[WARNING] {len(bad)} weight(s) in {source} hold NaN or Inf values, so the model's output will be "
+            f"meaningless: {', '.join(bad[:shown])}{more}",
+            file=sys.stderr,
+        )
+
+
+def _finite(array: mx.array, chunk: int = 1 << 24) -> bool:
+    """Checked in chunks, so no temporary as large as the largest weight is ever made."""
+    flat = array.reshape(-1)
+    return all(mx.isfinite(flat[i : i + chunk]).all().item() for i in range(0, flat.size, chunk))

@@ -9,14 +9,14 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Union
 
 import mlx.core as mx
-from PIL import Image
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 from mlx_lm.tokenizer_utils import load as load_tokenizer
+from PIL import Image
 
-from .errors import PromptTooLongError
+from .errors import CheckpointError, PromptError, PromptTooLongError
 from .image import ImageInput, load_image
 from .image_processing import ImageProcessor
-from .prompts import TEMPLATE_FOR_MODEL, TEMPLATES, Template, place_images, to_messages
+from .prompts import IMAGE_PLACEHOLDER, Template, check_turns, place_images, to_messages
 from .tokenization import Encoder, SentencePieceEncoder, tokenize_with_images
 
 Prompt = Union[str, Sequence[Dict[str, str]]]
@@ -65,9 +65,10 @@ class Processor:
         self.context_length = context_length
 
     @classmethod
-    def from_pretrained(cls, model_path: Path, config: dict, image_processor: ImageProcessor) -> "Processor":
-        template = TEMPLATES[TEMPLATE_FOR_MODEL[config["model_type"]]]
-        tokenizer = _quietly(load_tokenizer, model_path)
+    def from_pretrained(
+        cls, model_path: Path, config: dict, image_processor: ImageProcessor, template: Template
+    ) -> "Processor":
+        tokenizer = read_tokenizer(model_path)
         hf = tokenizer._tokenizer
         stop_ids = {hf.convert_tokens_to_ids(t) for t in template.stop_tokens if t in hf.get_vocab()}
         generation_config = model_path / "generation_config.json"
@@ -93,9 +94,13 @@ class Processor:
         """The templated prompt text, ``<image>`` placeholders included. With ``answer`` (generation) the
         conversation must end with the user; without it (training) it ends with the assistant."""
         messages, system = to_messages(prompt)
-        if answer and messages and messages[-1].get("role") != "user":
-            raise ValueError("The conversation must end with a user message for the model to answer.")
-        return self.template.format(place_images(messages, num_images), system_prompt or system)
+        check_turns(messages)
+        if answer and messages[-1]["role"] != "user":
+            raise PromptError("The conversation must end with a user message for the model to answer.")
+        system = system_prompt or system
+        if system is not None and IMAGE_PLACEHOLDER in system:
+            raise PromptError(f"The system prompt may not contain {IMAGE_PLACEHOLDER}: put images in a user message.")
+        return self.template.format(place_images(messages, num_images), system)
 
     def __call__(
         self,
@@ -130,6 +135,23 @@ def copy_processor_files(source: Path, folder: Path, image_processor: ImageProce
         if (source / name).exists():
             shutil.copy(source / name, folder / name)
     (folder / "preprocessor_config.json").write_text(json.dumps(image_processor.to_dict(), indent=2))
+
+
+TOKENIZER_FILES = ["tokenizer.json", "tokenizer.model", "vocab.json"]
+
+
+def read_tokenizer(model_path: Path) -> TokenizerWrapper:
+    """The model folder's tokenizer; ``CheckpointError`` when it has none or it cannot be read."""
+    if not any((model_path / name).exists() for name in TOKENIZER_FILES):
+        raise CheckpointError(
+            f"{model_path} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}): copy the tokenizer files "
+            "of the original checkpoint into it."
+        )
+    try:
+        return _quietly(load_tokenizer, model_path)
+    except Exception as e:  # transformers raises many kinds, some misleading ("install sentencepiece")
+        detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"The tokenizer in {model_path} could not be read: {detail}") from e
 
 
 def _quietly(fn, *args):

@@ -7,6 +7,8 @@ EVEv2's ``qwen2`` template is this same layout with ``<|im_end|>`` as the answer
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
+from .errors import PromptError
+
 IMAGE_PLACEHOLDER = "<image>"
 
 DEFAULT_SYSTEM = (
@@ -47,29 +49,43 @@ TEMPLATES = {
     "vicuna_v1": Template("vicuna_v1", answer_end="</s>", stop_tokens=("</s>",)),
     "qwen2": Template("qwen2", answer_end="<|im_end|>", stop_tokens=("<|im_end|>", "<|endoftext|>")),
 }
-TEMPLATE_FOR_MODEL = {"eve": "vicuna_v1", "eve-qwen2": "qwen2"}
 
 
 def check_turns(messages: Messages) -> None:
     if not messages:
-        raise ValueError("The conversation is empty: give at least one user message.")
+        raise PromptError("The conversation is empty: give at least one user message.")
     for i, message in enumerate(messages):
         expected = "assistant" if i % 2 else "user"
-        if message.get("role") != expected or not isinstance(message.get("content"), str):
-            raise ValueError(
-                f"Message {i} should be a {expected!r} message with text content; messages must alternate "
-                "user/assistant, starting with the user."
+        if message.get("role") not in ("user", "assistant"):
+            raise PromptError(
+                f"Message {i} has the role {message.get('role')!r}: use 'user' and 'assistant' (and 'system' "
+                "for a first message that sets the system prompt)."
             )
+        if message["role"] != expected:
+            raise PromptError(
+                f"Message {i} should be the {expected}'s: messages must alternate user/assistant, "
+                "starting with the user."
+            )
+        if not isinstance(message.get("content"), str):
+            raise PromptError(f"Message {i} ({expected}) has no text: its content is {message.get('content')!r}.")
 
 
 def to_messages(prompt: Union[str, Sequence[Dict[str, str]]]) -> Tuple[Messages, Optional[str]]:
     """A question or a message list → (user/assistant messages, system prompt given as a message)."""
     if isinstance(prompt, str):
         return [{"role": "user", "content": prompt}], None
+    if not isinstance(prompt, (list, tuple)) or not all(isinstance(m, dict) for m in prompt):
+        raise PromptError(
+            f"The prompt must be a question (a string) or a list of {{'role', 'content'}} messages, not {prompt!r}."
+        )
     messages = [dict(m) for m in prompt]
     system = None
     if messages and messages[0].get("role") == "system":
-        system = messages.pop(0).get("content", "")
+        system = messages.pop(0).get("content")
+        if not isinstance(system, str):
+            raise PromptError(f"The system message has no text: its content is {system!r}.")
+        if not messages:
+            raise PromptError("The conversation has only a system message: add a user message.")
     return messages, system
 
 
@@ -83,10 +99,10 @@ def place_images(messages: Messages, num_images: int) -> Messages:
         messages = [dict(m) for m in messages]
         messages[0]["content"] = (IMAGE_PLACEHOLDER + "\n") * num_images + messages[0]["content"]
     elif found != num_images:
-        raise ValueError(
+        raise PromptError(
             f"The prompt has {found} {IMAGE_PLACEHOLDER} placeholder(s) but {num_images} image(s) were given."
         )
     for m in messages:
         if m["role"] == "assistant" and IMAGE_PLACEHOLDER in m["content"]:
-            raise ValueError(f"Only user messages may contain {IMAGE_PLACEHOLDER}.")
+            raise PromptError(f"Only user messages may contain {IMAGE_PLACEHOLDER}.")
     return messages

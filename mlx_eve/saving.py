@@ -5,12 +5,13 @@ Everything is written into a hidden ``.<name>.incomplete-<pid>`` folder first an
 when complete, so an interrupted or failed save never leaves a folder that looks finished.
 """
 
+import glob
 import json
 import os
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Optional
+from typing import Callable, Dict, Iterator, List, Optional, Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -18,6 +19,7 @@ from mlx.utils import tree_flatten
 
 from .errors import EVEError
 from .loading import HUB_REPO_ID
+from .quantization import config_block, of_model
 from .shard_writer import ShardWriter, TensorSpec, plan_shards, shard_names
 
 MAX_SHARD_BYTES = 5 * 2**30
@@ -27,16 +29,36 @@ class OutputExistsError(EVEError, FileExistsError):
     pass
 
 
-def check_output(out: Path, force: bool) -> None:
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
+def check_output(out: Path, force: bool, keep: Sequence[Path] = ()) -> None:
+    """Refuse an output folder whose replacement would lose something: any non-empty ``out`` without
+    ``force``; with it, anything but a model folder, and a folder that is, or contains, one of ``keep``
+    (the model and adapters being read)."""
+    out = Path(out).expanduser()
+    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
+        return
+    if not force:
         raise OutputExistsError(f"{out} already exists and is not empty; pass --force to replace it.")
+    target = out.resolve()
+    for path in keep:
+        kept = Path(path).expanduser().resolve()
+        if kept == target or target in kept.parents:
+            raise OutputExistsError(
+                f"{out} holds {path}, which this command reads; --force never replaces it. "
+                "Choose another output folder."
+            )
+    if not out.is_dir() or not (out / "config.json").is_file():
+        raise OutputExistsError(
+            f"{out} is not a model folder (it has no config.json); --force only replaces model folders. "
+            "Choose another output folder, or remove it yourself."
+        )
 
 
 @contextmanager
-def staged_folder(out: Path, force: bool = False) -> Iterator[Path]:
+def staged_folder(out: Path, force: bool = False, keep: Sequence[Path] = ()) -> Iterator[Path]:
     """A hidden work folder that replaces ``out`` when the block completes, and is removed if it fails."""
     out = Path(out).expanduser()
-    check_output(out, force)
+    clean_up_killed_runs(out)
+    check_output(out, force, keep)
     work = out.parent / f".{out.name}.incomplete-{os.getpid()}"
     work.mkdir(parents=True)
     try:
@@ -51,6 +73,30 @@ def staged_folder(out: Path, force: bool = False) -> Iterator[Path]:
     finally:
         if work.exists():
             shutil.rmtree(work, ignore_errors=True)
+
+
+def clean_up_killed_runs(out: Path) -> None:
+    """Remove the work folders that runs killed before they finished left beside ``out``; put back a model
+    folder a killed run had moved aside to replace, if the replacement never arrived."""
+    prefix = f".{out.name}."
+    for stale in sorted(out.parent.glob(glob.escape(prefix) + "*-*")):
+        kind, _, pid = stale.name[len(prefix) :].rpartition("-")
+        if kind not in ("incomplete", "replaced") or not pid.isdigit() or _running(int(pid)):
+            continue
+        if kind == "replaced" and not out.exists():
+            stale.rename(out)
+        elif stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def write_weights(
@@ -122,16 +168,6 @@ python generate.py --model <this folder or repo> --image photo.jpg -p "What is i
     )
 
 
-def quantization_config(model: nn.Module) -> Optional[dict]:
-    """mlx-lm's record of a model's quantized layers: defaults, plus the layers that differ from them."""
-    layers = {p: m for p, m in model.named_modules() if hasattr(m, "bits") and hasattr(m, "group_size")}
-    if not layers:
-        return None
-    params = {p: {"group_size": m.group_size, "bits": m.bits, "mode": getattr(m, "mode", "affine")} for p, m in layers.items()}
-    default = next(iter(params.values()))
-    return {**default, **{p: q for p, q in params.items() if q != default}}
-
-
 def precision_name(config: dict) -> str:
     quantization = config.get("quantization")
     return f"{quantization['bits']}-bit" if quantization else config.get("torch_dtype", "float")
@@ -145,16 +181,20 @@ def save_model(
     base_model: str,
     command: str,
     force: bool = False,
+    keep: Sequence[Path] = (),
 ) -> Path:
-    """Write ``model`` (as it is in memory) and ``processor``'s files as a loadable model folder."""
+    """Write ``model`` (as it is in memory) and ``processor``'s files as a loadable model folder (see
+    ``staged_folder`` for ``force`` and ``keep``)."""
     weights: Dict[str, mx.array] = dict(tree_flatten(model.parameters()))
     specs = [TensorSpec(k, tuple(v.shape), v.dtype) for k, v in weights.items()]
     floats = {v.dtype for v in weights.values() if mx.issubdtype(v.dtype, mx.floating)}
     dtype = str(floats.pop()).split(".")[-1] if len(floats) == 1 else None
-    with staged_folder(out, force) as folder:
+    with staged_folder(out, force, keep) as folder:
         write_weights(folder, specs, lambda spec: weights[spec.name])
         processor.save_pretrained(folder)
-        quantization = quantization_config(model)
+        quantization = config_block(of_model(model))
         write_config(folder, config, quantization, dtype)
-        write_model_card(folder, base_model, command, precision_name({**config, "quantization": quantization, "torch_dtype": dtype}))
+        write_model_card(
+            folder, base_model, command, precision_name({**config, "quantization": quantization, "torch_dtype": dtype})
+        )
     return Path(out)

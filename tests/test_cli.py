@@ -24,7 +24,18 @@ def run(*args, stdin=None, env=None):
 
 
 def test_generate_streams_and_reports_stats(v2_path, images):
-    result = run("generate.py", "--model", str(v2_path), "--image", str(images["wide"]), "-p", "What is it?\\nBe brief.", "-m", "5", "--verbose")
+    result = run(
+        "generate.py",
+        "--model",
+        str(v2_path),
+        "--image",
+        str(images["wide"]),
+        "-p",
+        "What is it?\\nBe brief.",
+        "-m",
+        "5",
+        "--verbose",
+    )
     assert result.returncode == 0, result.stderr
     assert "USER: <image>\nWhat is it?\nBe brief. ASSISTANT:" in result.stdout  # "\n" escape → newline
     tokens = re.search(r"Prompt: (\d+) tokens \((\d+) image tokens\), [\d.]+ tokens-per-sec", result.stdout)
@@ -34,7 +45,21 @@ def test_generate_streams_and_reports_stats(v2_path, images):
 
 
 def test_module_entry_point_text_only_from_stdin(v1_path):
-    result = run("-m", "mlx_eve.generate", "--model", str(v1_path), "-p", "-", "-m", "3", "--temperature", "0.7", "--seed", "1", stdin="Hello?\nSay hi.")
+    result = run(
+        "-m",
+        "mlx_eve.generate",
+        "--model",
+        str(v1_path),
+        "-p",
+        "-",
+        "-m",
+        "3",
+        "--temperature",
+        "0.7",
+        "--seed",
+        "1",
+        stdin="Hello?\nSay hi.",
+    )
     assert result.returncode == 0, result.stderr
     assert "(0 image tokens)" in result.stdout and "Generation: 3 tokens" in result.stdout
 
@@ -47,11 +72,18 @@ def test_bad_image_is_a_clear_error(v2_path, tmp_path):
 
 
 def test_prompt_over_the_context_is_a_clear_error(checkpoints, images):
-    path = checkpoints("v2-short-context", "v2", max_position_embeddings=128, preprocessor=tiny_checkpoints.v2_preprocessor(224))
+    path = checkpoints(
+        "v2-short-context", "v2", max_position_embeddings=128, preprocessor=tiny_checkpoints.v2_preprocessor(224)
+    )
     result = run("generate.py", "--model", str(path), "--image", str(images["wide"]), "-p", "Hi")
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert "model's context is 128 tokens" in result.stderr and "--max-size" in result.stderr
-    assert run("generate.py", "--model", str(path), "--image", str(images["wide"]), "-p", "Hi", "--max-size", "64").returncode == 0
+    assert (
+        run(
+            "generate.py", "--model", str(path), "--image", str(images["wide"]), "-p", "Hi", "--max-size", "64"
+        ).returncode
+        == 0
+    )
 
 
 def test_unreachable_hub_is_a_clear_error(tmp_path):

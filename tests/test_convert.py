@@ -67,13 +67,21 @@ def test_quantization_covers_both_branches_and_keeps_the_patch_embedding_float(s
     assert config["quantization"] == config["quantization_config"] == {"group_size": 64, "bits": 4, "mode": "affine"}
     model, _ = load(str(out))
     quantized = _quantized_layers(model)
-    linears = [p for p, m in model.named_modules() if isinstance(m, (nn.Linear, nn.QuantizedLinear, nn.Embedding, nn.QuantizedEmbedding))]
+    linears = [
+        p
+        for p, m in model.named_modules()
+        if isinstance(m, (nn.Linear, nn.QuantizedLinear, nn.Embedding, nn.QuantizedEmbedding))
+    ]
     decoder = [p for p in linears if not p.startswith(("model.vision_tower", "model.mm_projector"))]
     assert sorted(quantized) == sorted(decoder)
     assert "model.embed_tokens" in quantized and "lm_head" in quantized
     if source.startswith("v2"):
         assert {"model.layers.0.self_attn.moe_q_proj", "model.layers.1.moe_mlp.down_proj"} <= quantized.keys()
-    vision = {k: v for k, v in nn.utils.tree_flatten(model.parameters()) if k.startswith(("model.vision_tower", "model.mm_projector"))}
+    vision = {
+        k: v
+        for k, v in nn.utils.tree_flatten(model.parameters())
+        if k.startswith(("model.vision_tower", "model.mm_projector"))
+    }
     assert vision and all(mx.issubdtype(v.dtype, mx.floating) for v in vision.values())
     assert not any(k.endswith(("scales", "biases")) for k in vision)
 
@@ -100,16 +108,21 @@ def test_8bit_matches_float_and_4bit_stays_close(sources, tmp_path, images):
 
 def test_mixed_recipe_records_per_layer_bits(checkpoints, tmp_path, images):
     deep = checkpoints("v2-8-layers", "v2", num_hidden_layers=8, preprocessor={"max_size": 224})
-    out = convert(str(deep), tmp_path / "mixed", quantize=True, quant_predicate="mixed_3_6", q_group_size=32, q_bits=3)
+    out = convert(str(deep), tmp_path / "mixed", quantize=True, quant_predicate="mixed_3_6", q_group_size=32)
     config = json.loads((out / "config.json").read_text())["quantization"]
     assert config["bits"] == 3 and config["lm_head"] == {"group_size": 32, "bits": 6, "mode": "affine"}
     model, processor = load(str(out))
     bits = {path: m.bits for path, m in _quantized_layers(model).items()}
-    assert bits["lm_head"] == bits["model.embed_tokens"] == 6
-    assert bits["model.layers.0.self_attn.q_proj"] == bits["model.layers.7.moe_mlp.up_proj"] == 6  # first/last eighth
-    assert bits["model.layers.1.self_attn.v_proj"] == bits["model.layers.2.self_attn.q_proj"] == 3
-    assert bits["model.layers.3.self_attn.v_proj"] == bits["model.layers.3.self_attn.moe_v_proj"] == 6
-    assert bits["model.layers.3.moe_mlp.down_proj"] == 6 and bits["model.layers.3.mlp.up_proj"] == 3
+    # mlx-lm's recipe on 8 layers: 6 bits for the head, and for v_proj and down_proj of layers 0 and 7 (the
+    # first and last eighth) and of every third layer from 1 + 2 (3, 6); in both EVEv2 branches. 3 bits elsewhere.
+    high = {
+        f"model.layers.{i}.{m}"
+        for i in (0, 3, 6, 7)
+        for m in ("self_attn.v_proj", "self_attn.moe_v_proj", "mlp.down_proj", "moe_mlp.down_proj")
+    }
+    assert {path for path, b in bits.items() if b == 6} == high | {"lm_head"}
+    assert {b for path, b in bits.items() if path not in high | {"lm_head"}} == {3}
+    assert "model.embed_tokens" in bits and not any(".vision_tower" in path for path in bits)
     assert len(greedy_tokens(model, processor, images["wide"], 3)) == 3
 
 
@@ -121,7 +134,9 @@ def test_dequantize_restores_a_float_model(sources, tmp_path, images):
     model, _ = load(str(restored))
     assert not _quantized_layers(model)
     # Dequantized weights are exactly what the quantized matmuls use.
-    np.testing.assert_allclose(last_logits(model, processor, images["tall"]), last_logits(quantized, processor, images["tall"]), atol=1e-4)
+    np.testing.assert_allclose(
+        last_logits(model, processor, images["tall"]), last_logits(quantized, processor, images["tall"]), atol=1e-4
+    )
     with pytest.raises(ConvertError, match="already quantized"):
         convert(str(q8), tmp_path / "again", quantize=True)
     with pytest.raises(ConvertError, match="nothing to dequantize"):
@@ -129,13 +144,22 @@ def test_dequantize_restores_a_float_model(sources, tmp_path, images):
 
 
 def test_output_layout_and_model_card(sources, tmp_path, monkeypatch):
-    out = convert(str(sources["v1-bin"]), tmp_path / "sharded", max_shard_gb=1e-4, command="python convert.py --hf-path x")
+    out = convert(
+        str(sources["v1-bin"]), tmp_path / "sharded", max_shard_gb=1e-4, command="python convert.py --hf-path x"
+    )
     index = json.loads((out / "model.safetensors.index.json").read_text())
     shards = sorted(p.name for p in out.glob("model-*.safetensors"))
     assert len(shards) > 3 and shards[0] == f"model-00001-of-{len(shards):05d}.safetensors"
     assert sorted(set(index["weight_map"].values())) == shards
     assert index["metadata"]["total_size"] == sum(v.nbytes for f in shards for v in mx.load(str(out / f)).values())
-    for name in ["config.json", "tokenizer.model", "tokenizer_config.json", "generation_config.json", "preprocessor_config.json", "README.md"]:
+    for name in [
+        "config.json",
+        "tokenizer.model",
+        "tokenizer_config.json",
+        "generation_config.json",
+        "preprocessor_config.json",
+        "README.md",
+    ]:
         assert (out / name).exists(), name
     card = (out / "README.md").read_text()
     assert "library_name: mlx" in card and "python convert.py --hf-path x" in card
@@ -155,9 +179,29 @@ def test_refuses_to_overwrite_unless_forced(sources, tmp_path):
     (target / "keep.txt").write_text("user data")
     with pytest.raises(OutputExistsError, match="already exists"):
         convert(str(sources["v2"]), target)
-    assert (target / "keep.txt").exists()
+    # --force replaces model folders only: a folder of other files is kept.
+    with pytest.raises(OutputExistsError, match="not a model folder"):
+        convert(str(sources["v2"]), target, force=True)
+    assert (target / "keep.txt").read_text() == "user data"
+    (target / "keep.txt").unlink()
+    convert(str(sources["v2"]), target, quantize=True)
     convert(str(sources["v2"]), target, force=True)
-    assert not (target / "keep.txt").exists() and (target / "config.json").exists()
+    assert "quantization" not in json.loads((target / "config.json").read_text())
+
+
+@pytest.mark.parametrize("where", ["the source", "its parent"])
+def test_force_never_replaces_the_source_or_a_folder_holding_it(sources, tmp_path, where):
+    import shutil
+
+    parent = tmp_path / "models"
+    source = parent / "eve"
+    shutil.copytree(sources["v2"], source)
+    (parent / "config.json").write_text("{}")  # even when the folder above looks like a model folder
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    out = source if where == "the source" else parent
+    with pytest.raises(OutputExistsError, match="which this command reads"):
+        convert(str(source), out, quantize=True, force=True)
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
 
 
 def test_a_failure_mid_conversion_leaves_nothing_that_looks_finished(sources, tmp_path, monkeypatch):
@@ -196,6 +240,21 @@ def test_a_killed_conversion_leaves_only_a_hidden_incomplete_folder(sources, tmp
     assert not (tmp_path / "out").exists()
     assert len(leftovers) == 1 and leftovers[0].name.startswith(".out.incomplete-")
     assert not (leftovers[0] / "config.json").exists()
+    # The next run clears what the killed one left (its process is gone), and finishes.
+    convert(str(sources["v1"]), tmp_path / "out")
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_a_model_moved_aside_by_a_killed_run_is_put_back(sources, tmp_path):
+    import shutil
+
+    from mlx_eve.saving import staged_folder
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    shutil.copytree(sources["v2"], tmp_path / f".out.replaced-{int(dead.stdout)}")  # killed mid-swap: no "out"
+    with pytest.raises(OutputExistsError, match="already exists"), staged_folder(tmp_path / "out"):
+        pass
+    assert [p.name for p in tmp_path.iterdir()] == ["out"] and (tmp_path / "out" / "config.json").exists()
 
 
 def test_checkpoint_problems_are_reported_before_writing(sources, tmp_path, monkeypatch):
@@ -211,7 +270,9 @@ def test_checkpoint_problems_are_reported_before_writing(sources, tmp_path, monk
     with pytest.raises(CheckpointError, match=f"1 missing: {missing}"):
         convert(str(broken), tmp_path / "out")
     assert not (tmp_path / "out").exists()
-    monkeypatch.setattr(convert_module.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**12, 10**12 - 1000, 1000))
+    monkeypatch.setattr(
+        convert_module.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**12, 10**12 - 1000, 1000)
+    )
     with pytest.raises(ConvertError, match="Not enough disk space"):
         convert(str(sources["v2"]), tmp_path / "out")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["broken"]
@@ -220,9 +281,14 @@ def test_checkpoint_problems_are_reported_before_writing(sources, tmp_path, monk
 def test_upload_builds_the_repo_from_the_finished_folder(sources, tmp_path, monkeypatch):
     import huggingface_hub
 
-    uploads = []
+    uploads, online = [], []
 
     class FakeApi:
+        def whoami(self):
+            if not online:
+                raise ConnectionError("Cannot reach https://huggingface.co")
+            return {"name": "me"}
+
         def create_repo(self, repo_id, exist_ok=False):
             uploads.append(("create", repo_id))
 
@@ -231,17 +297,29 @@ def test_upload_builds_the_repo_from_the_finished_folder(sources, tmp_path, monk
             uploads.append(("upload", repo_id, repo_type, files, (Path(folder_path) / "README.md").read_text()))
 
     monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    for repo, message in (
+        ("not a repo id", "is not a Hugging Face repo id"),
+        ("me/offline", "Cannot upload to me/offline"),
+    ):
+        with pytest.raises(ConvertError, match=message):  # before anything is read or written
+            convert(str(sources["v2"]), tmp_path / "out", quantize=True, upload_repo=repo)
+        assert not list(tmp_path.iterdir())
+    online.append(True)
     convert(str(sources["v2"]), tmp_path / "out", quantize=True, upload_repo="me/eve-tiny-4bit")
     assert uploads[0] == ("create", "me/eve-tiny-4bit")
     _, repo, kind, files, card = uploads[1]
     assert repo == "me/eve-tiny-4bit" and kind == "model"
-    assert {"config.json", "model.safetensors", "model.safetensors.index.json", "tokenizer.json", "README.md"} <= set(files)
+    assert {"config.json", "model.safetensors", "model.safetensors.index.json", "tokenizer.json", "README.md"} <= set(
+        files
+    )
     assert "--model me/eve-tiny-4bit" in card
 
 
 def test_cli(sources, tmp_path):
     def run(*args):
-        return subprocess.run([sys.executable, "convert.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+        return subprocess.run(
+            [sys.executable, "convert.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=300
+        )
 
     result = run("--hf-path", str(sources["v2"]), "--mlx-path", str(tmp_path / "q8"), "-q", "--q-bits", "8")
     assert result.returncode == 0, result.stderr
@@ -249,6 +327,8 @@ def test_cli(sources, tmp_path):
     assert "python convert.py --hf-path" in (tmp_path / "q8" / "README.md").read_text()
     again = run("--hf-path", str(sources["v2"]), "--mlx-path", str(tmp_path / "q8"))
     assert again.returncode == 1 and "already exists" in again.stderr and "Traceback" not in again.stderr
-    module = subprocess.run([sys.executable, "-m", "mlx_eve.convert", "--help"], cwd=ROOT, capture_output=True, text=True)
+    module = subprocess.run(
+        [sys.executable, "-m", "mlx_eve.convert", "--help"], cwd=ROOT, capture_output=True, text=True
+    )
     assert module.returncode == 0 and "--quant-predicate" in module.stdout
     assert os.path.exists(tmp_path / "q8" / "model.safetensors")

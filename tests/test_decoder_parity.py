@@ -102,7 +102,10 @@ def _v2_image_inputs(model, processor, image):
 def test_v2_with_equal_branches_matches_qwen2_on_an_image_prompt(v2_path, images):
     model, processor = load(str(v2_path))
     for layer in model.layers:  # visual copies := text weights
-        for owner, names in ((layer, ["mlp", "input_layernorm", "post_attention_layernorm"]), (layer.self_attn, ["q_proj", "k_proj", "v_proj", "o_proj"])):
+        for owner, names in (
+            (layer, ["mlp", "input_layernorm", "post_attention_layernorm"]),
+            (layer.self_attn, ["q_proj", "k_proj", "v_proj", "o_proj"]),
+        ):
             for name in names:
                 owner["moe_" + name].update(owner[name].parameters())
     ids, embeddings = _v2_image_inputs(model, processor, images["tall"])
@@ -136,24 +139,24 @@ def reference_blend_forward(state: dict, config: dict, embeddings: np.ndarray, v
         half = torch.cat([-x[..., hd // 2 :], x[..., : hd // 2]], -1)
         return x * cos + half * sin
 
+    def norm(name):
+        return lambda x: rms(x, state[name + ".weight"])
+
+    def mlp(m):
+        return lambda x: linear(m + ".down_proj")(F.silu(linear(m + ".gate_proj")(x)) * linear(m + ".up_proj")(x))
+
     for i in range(config["num_hidden_layers"]):
         p = f"model.layers.{i}."
-        norm = lambda name: (lambda x: rms(x, state[p + name + ".weight"]))  # noqa: E731
-        mlp = lambda m: (  # noqa: E731
-            lambda x: linear(p + m + ".down_proj")(F.silu(linear(p + m + ".gate_proj")(x)) * linear(p + m + ".up_proj")(x))
-        )
-        x = blend(h, norm("input_layernorm"), norm("moe_input_layernorm"))
-        q, k, v = (
-            blend(x, linear(p + f"self_attn.{n}_proj"), linear(p + f"self_attn.moe_{n}_proj")) for n in "qkv"
-        )
+        x = blend(h, norm(p + "input_layernorm"), norm(p + "moe_input_layernorm"))
+        q, k, v = (blend(x, linear(p + f"self_attn.{n}_proj"), linear(p + f"self_attn.moe_{n}_proj")) for n in "qkv")
         q = rope(q.view(L, H, hd).transpose(0, 1))
         k = rope(k.view(L, KV, hd).transpose(0, 1)).repeat_interleave(H // KV, 0)
         v = v.view(L, KV, hd).transpose(0, 1).repeat_interleave(H // KV, 0)
         attention = F.scaled_dot_product_attention(q[None], k[None], v[None], is_causal=True)[0]
         attention = attention.transpose(0, 1).reshape(L, D)
         h = h + blend(attention, linear(p + "self_attn.o_proj"), linear(p + "self_attn.moe_o_proj"))
-        x = blend(h, norm("post_attention_layernorm"), norm("moe_post_attention_layernorm"))
-        h = h + blend(x, mlp("mlp"), mlp("moe_mlp"))
+        x = blend(h, norm(p + "post_attention_layernorm"), norm(p + "moe_post_attention_layernorm"))
+        h = h + blend(x, mlp(p + "mlp"), mlp(p + "moe_mlp"))
     return F.linear(rms(h, state["model.norm.weight"]), state["lm_head.weight"]).numpy()
 
 

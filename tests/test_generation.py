@@ -77,10 +77,11 @@ def test_generation_stops_at_the_template_stop_tokens(family, stops, v1_model, v
     for stop in stops:
         stop_id = processor.tokenizer.convert_tokens_to_ids(stop)
 
-        def force_stop(tokens, logits, stop_id=stop_id):
+        processor_len = processor("Go.").input_ids.size
+
+        def force_stop(tokens, logits, stop_id=stop_id, processor_len=processor_len):
             return logits + 1000.0 * (mx.arange(logits.shape[-1]) == stop_id) * (tokens.size >= processor_len + 2)
 
-        processor_len = processor("Go.").input_ids.size
         responses = list(stream_generate(model, processor, "Go.", max_tokens=20, logits_processors=[force_stop]))
         assert responses[-1].finish_reason == "stop" and len(responses) == 3
         assert stop not in "".join(r.text for r in responses)
@@ -121,7 +122,9 @@ def test_samplers_and_penalties(v2_model, images):
 def test_quantized_and_rotating_kv_cache(v2_model, images):
     model, processor = v2_model
     plain = greedy(model, processor, "Hi", images["wide"], max_tokens=4)[0]
-    quantized = greedy(model, processor, "Hi", images["wide"], max_tokens=4, kv_bits=8, kv_group_size=32, quantized_kv_start=0)
+    quantized = greedy(
+        model, processor, "Hi", images["wide"], max_tokens=4, kv_bits=8, kv_group_size=32, quantized_kv_start=0
+    )
     assert quantized[0][0] == plain[0] and len(quantized[0]) == 4
     rotating = greedy(model, processor, "Hi", images["wide"], max_tokens=4, max_kv_size=4096)
     assert rotating[0] == plain

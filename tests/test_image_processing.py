@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mlx_eve.image_processing import AnyPixelProcessor, AnyRatioProcessor, load_image_processor
+from mlx_eve.families import family_of
+from mlx_eve.image_processing import AnyPixelProcessor, AnyRatioProcessor
 
 # (width, height) → (resized width, resized height, tokens), worked out by hand from DESIGN.md §3:
 # W > H: w' = 336, h' = ceil(336·H/W/14)·14, both ×(image_size/336); tokens = 1 + h·(w+1) with 28-pixel cells.
@@ -55,7 +56,10 @@ def test_pixels_match_transformers_clip_processor(processor):
     rng = np.random.default_rng(0)
     image = Image.fromarray(rng.integers(0, 256, (97, 131, 3), dtype=np.uint8))
     clip = CLIPImageProcessor(
-        do_resize=False, do_center_crop=False, image_mean=list(processor.image_mean), image_std=list(processor.image_std)
+        do_resize=False,
+        do_center_crop=False,
+        image_mean=list(processor.image_mean),
+        image_std=list(processor.image_std),
     )
     resized = image.resize(processor.target_size(*image.size), Image.BICUBIC)
     expected = clip.preprocess(resized, return_tensors="np")["pixel_values"][0].transpose(1, 2, 0)
@@ -64,12 +68,24 @@ def test_pixels_match_transformers_clip_processor(processor):
     np.testing.assert_array_equal(ours, expected)
 
 
+def load_image_processor(path, config, max_size=None):
+    """The image processor of the config's family, as ``load`` makes it."""
+    return family_of(config["model_type"]).image_processor.from_pretrained(path, config, max_size)
+
+
 def test_processor_config_from_file_name_and_override(tmp_path):
     v1 = load_image_processor(tmp_path, {"model_type": "eve", "mm_vision_tower": "openai/eve-patch14-anypixel-1344"})
     assert isinstance(v1, AnyPixelProcessor) and v1.image_size == 1344 and v1.patch_stride == 14
-    v2 = load_image_processor(tmp_path, {"model_type": "eve-qwen2", "mm_vision_tower": "openai/eve-anyratio-res800-patch16"})
+    v2 = load_image_processor(
+        tmp_path, {"model_type": "eve-qwen2", "mm_vision_tower": "openai/eve-anyratio-res800-patch16"}
+    )
     assert isinstance(v2, AnyRatioProcessor) and v2.max_size == 800
-    assert load_image_processor(tmp_path, {"model_type": "eve-qwen2", "mm_vision_tower": "x/eve-anyratio-res1600-patch16"}, max_size=640).max_size == 640
+    assert (
+        load_image_processor(
+            tmp_path, {"model_type": "eve-qwen2", "mm_vision_tower": "x/eve-anyratio-res1600-patch16"}, max_size=640
+        ).max_size
+        == 640
+    )
     (tmp_path / "preprocessor_config.json").write_text('{"max_size": 512, "patch_stride": 16, "dense_stride": 2}')
     assert load_image_processor(tmp_path, {"model_type": "eve-qwen2", "mm_vision_tower": "unknown"}).max_size == 512
 

@@ -52,7 +52,9 @@ def test_sharded_bin_checkpoint_equals_safetensors(family, checkpoints, v1_model
         "pytorch_model.bin.index.json",
     ]
     from_bin, _ = load(str(bin_path))
-    np.testing.assert_array_equal(logits_for(from_bin, processor, images["wide"]), logits_for(model, processor, images["wide"]))
+    np.testing.assert_array_equal(
+        logits_for(from_bin, processor, images["wide"]), logits_for(model, processor, images["wide"])
+    )
 
 
 def test_bfloat16_bin_checkpoint(checkpoints, images):

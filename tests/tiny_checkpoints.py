@@ -128,7 +128,7 @@ def _norm(rng, dim):
 
 def decoder_weights(config: dict, rng: np.random.Generator, visual_copy: bool = False) -> Dict[str, np.ndarray]:
     """LLaMA/Qwen2 decoder weights (with EVEv2's ``moe_*`` copies when ``visual_copy``)."""
-    D, I, V = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
+    D, I, V = config["hidden_size"], config["intermediate_size"], config["vocab_size"]  # noqa: E741
     heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
     hd = D // heads
     bias = config["model_type"] == "eve-qwen2"
@@ -193,7 +193,9 @@ def v2_weights(config: dict, rng: np.random.Generator) -> Dict[str, np.ndarray]:
     return w
 
 
-def write_weights(weights: Dict[str, np.ndarray], out: Path, fmt: str = "safetensors", shards: int = 2, dtype="float32"):
+def write_weights(
+    weights: Dict[str, np.ndarray], out: Path, fmt: str = "safetensors", shards: int = 2, dtype="float32"
+):
     """Sharded ``model-0000i-of-0000n.safetensors`` or ``pytorch_model-0000i-of-0000n.bin`` plus the index."""
     keys = sorted(weights)
     groups = [keys[i::shards] for i in range(shards)]
@@ -246,7 +248,17 @@ def write_v1_tokenizer(out: Path, vocab_size: int = 400, legacy: Optional[bool] 
     )
     corpus.unlink()
     (out / "tokenizer.vocab").unlink()
-    token = lambda s: {"__type": "AddedToken", "content": s, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False}  # noqa: E731
+
+    def token(s):
+        return {
+            "__type": "AddedToken",
+            "content": s,
+            "lstrip": False,
+            "normalized": False,
+            "rstrip": False,
+            "single_word": False,
+        }
+
     config = {
         "add_bos_token": True,
         "add_eos_token": False,
@@ -289,7 +301,14 @@ def write_v2_tokenizer(out: Path, vocab_size: int = 400) -> None:
     tokenizer.model.save(str(out))  # vocab.json, merges.txt
     base = tokenizer.get_vocab_size(with_added_tokens=False)
     added = {
-        str(base + i): {"content": s, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False, "special": True}
+        str(base + i): {
+            "content": s,
+            "lstrip": False,
+            "normalized": False,
+            "rstrip": False,
+            "single_word": False,
+            "special": True,
+        }
         for i, s in enumerate(QWEN2_SPECIAL)
     }
     config = {
@@ -308,7 +327,11 @@ def write_v2_tokenizer(out: Path, vocab_size: int = 400) -> None:
     }
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
     (out / "added_tokens.json").write_text(json.dumps({s: base + i for i, s in enumerate(QWEN2_SPECIAL)}, indent=2))
-    special = {"additional_special_tokens": ["<|im_start|>", "<|im_end|>"], "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}
+    special = {
+        "additional_special_tokens": ["<|im_start|>", "<|im_end|>"],
+        "eos_token": "<|im_end|>",
+        "pad_token": "<|endoftext|>",
+    }
     (out / "special_tokens_map.json").write_text(json.dumps(special, indent=2))
 
 

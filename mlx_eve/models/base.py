@@ -22,9 +22,7 @@ def image_spans(input_ids: mx.array) -> List[tuple]:
     return list(zip(edges[0::2].tolist(), edges[1::2].tolist()))
 
 
-def embed_with_images(
-    embed_tokens: nn.Embedding, input_ids: mx.array, image_features: List[mx.array]
-) -> mx.array:
+def embed_with_images(embed_tokens: nn.Embedding, input_ids: mx.array, image_features: List[mx.array]) -> mx.array:
     """Embed a 1-D prompt, putting each image's features where its placeholder run is.
 
     Returns ``(L, D)``. Each run must be exactly as long as its image's feature sequence.
@@ -40,8 +38,7 @@ def embed_with_images(
     for (start, end), features in zip(spans, image_features):
         if end - start != features.shape[0]:
             raise ValueError(
-                f"An image placeholder run has {end - start} tokens but the image has "
-                f"{features.shape[0]} embeddings."
+                f"An image placeholder run has {end - start} tokens but the image has {features.shape[0]} embeddings."
             )
         if start > position:
             pieces.append(embed_tokens(input_ids[position:start]))

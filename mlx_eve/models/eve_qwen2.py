@@ -158,9 +158,7 @@ class EVEQwen2Model(nn.Module):
         self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
         self.layers = [DecoderLayer(args) for _ in range(args.num_hidden_layers)]
         self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
-        self.vision_tower = PatchEmbedding(
-            args.mm_hidden_size, args.hidden_size, args.patch_stride, args.dense_stride
-        )
+        self.vision_tower = PatchEmbedding(args.mm_hidden_size, args.hidden_size, args.patch_stride, args.dense_stride)
 
     def __call__(self, inputs: mx.array, cache=None, input_embeddings: Optional[mx.array] = None):
         if input_embeddings is None:

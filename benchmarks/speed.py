@@ -8,10 +8,11 @@ same context. EVEv2's split layers are also timed against the reference's comput
 on the same weights. The sides take turns in every repeat. Ratios compare each side's fastest repeat, since other
 processes on a shared machine only ever add time; medians of the per-repeat ratios are reported beside them.
 
-    python -m mlx_eve.benchmark --help
+    python benchmarks/speed.py --help
 """
 
 import argparse
+import importlib
 import itertools
 import json
 import math
@@ -28,12 +29,14 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
 from mlx_lm.generate import generate_step, generation_stream
-from mlx_lm.models import llama, qwen2
 from mlx_lm.models.base import create_attention_mask
 from mlx_lm.models.cache import make_prompt_cache, trim_prompt_cache
 
-from .models import IMAGE_TOKEN_ID, model_module
-from .models.base import EVEModel
+from mlx_eve import quantization
+from mlx_eve.families import Family, family_of
+from mlx_eve.loading import build_model
+from mlx_eve.models import IMAGE_TOKEN_ID
+from mlx_eve.models.base import EVEModel
 
 # Text tokens around the image in a one-question prompt: the template's system prompt and " USER: " before,
 # "\n", a short question and " ASSISTANT:" after.
@@ -70,17 +73,32 @@ SHAPES = {
     "v1-7b": Shape(
         "EVEv1 (BAAI/EVE-7B-HD-v1.0): Vicuna-7B-v1.5 decoder",
         dict(
-            _EVE_V1, hidden_size=4096, num_hidden_layers=32, intermediate_size=11008, num_attention_heads=32,
-            num_key_value_heads=32, rms_norm_eps=1e-5, rope_theta=10000.0, vocab_size=32000,
-            max_position_embeddings=4096, tie_word_embeddings=False,
+            _EVE_V1,
+            hidden_size=4096,
+            num_hidden_layers=32,
+            intermediate_size=11008,
+            num_attention_heads=32,
+            num_key_value_heads=32,
+            rms_norm_eps=1e-5,
+            rope_theta=10000.0,
+            vocab_size=32000,
+            max_position_embeddings=4096,
+            tie_word_embeddings=False,
         ),
         (1344, 672),
     ),
     "v2-0.5b": Shape(
         "EVEv2 layout on a Qwen2.5-0.5B decoder",
         dict(
-            _EVE_V2, **_QWEN2, hidden_size=896, num_hidden_layers=24, intermediate_size=4864,
-            num_attention_heads=14, num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True,
+            _EVE_V2,
+            **_QWEN2,
+            hidden_size=896,
+            num_hidden_layers=24,
+            intermediate_size=4864,
+            num_attention_heads=14,
+            num_key_value_heads=2,
+            vocab_size=151936,
+            tie_word_embeddings=True,
         ),
         (1600, 1024, 512),
         151665,
@@ -88,8 +106,15 @@ SHAPES = {
     "v2-1.5b": Shape(
         "EVEv2 layout on a Qwen2.5-1.5B decoder",
         dict(
-            _EVE_V2, **_QWEN2, hidden_size=1536, num_hidden_layers=28, intermediate_size=8960,
-            num_attention_heads=12, num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True,
+            _EVE_V2,
+            **_QWEN2,
+            hidden_size=1536,
+            num_hidden_layers=28,
+            intermediate_size=8960,
+            num_attention_heads=12,
+            num_key_value_heads=2,
+            vocab_size=151936,
+            tie_word_embeddings=True,
         ),
         (1600, 1024, 512),
         151665,
@@ -97,8 +122,15 @@ SHAPES = {
     "v2-7b": Shape(
         "EVEv2 (BAAI/EVE-7B-HD-v2.0): Qwen2.5-7B decoder",
         dict(
-            _EVE_V2, **_QWEN2, hidden_size=3584, num_hidden_layers=28, intermediate_size=18944,
-            num_attention_heads=28, num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False,
+            _EVE_V2,
+            **_QWEN2,
+            hidden_size=3584,
+            num_hidden_layers=28,
+            intermediate_size=18944,
+            num_attention_heads=28,
+            num_key_value_heads=4,
+            vocab_size=152064,
+            tie_word_embeddings=False,
         ),
         (1600, 1024, 512),
         151665,
@@ -106,17 +138,33 @@ SHAPES = {
     "v1-tiny": Shape(
         "EVEv1 layout, tiny (smoke tests)",
         dict(
-            _EVE_V1, hidden_size=64, num_hidden_layers=2, intermediate_size=128, num_attention_heads=4,
-            num_key_value_heads=4, rms_norm_eps=1e-5, rope_theta=10000.0, vocab_size=256,
-            max_position_embeddings=4096, tie_word_embeddings=False, mm_hidden_size=64,
+            _EVE_V1,
+            hidden_size=64,
+            num_hidden_layers=2,
+            intermediate_size=128,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            rms_norm_eps=1e-5,
+            rope_theta=10000.0,
+            vocab_size=256,
+            max_position_embeddings=4096,
+            tie_word_embeddings=False,
+            mm_hidden_size=64,
         ),
         (56, 28),
     ),
     "v2-tiny": Shape(
         "EVEv2 layout, tiny (smoke tests)",
         dict(
-            _EVE_V2, **_QWEN2, hidden_size=64, num_hidden_layers=2, intermediate_size=128,
-            num_attention_heads=4, num_key_value_heads=2, vocab_size=256, tie_word_embeddings=False,
+            _EVE_V2,
+            **_QWEN2,
+            hidden_size=64,
+            num_hidden_layers=2,
+            intermediate_size=128,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=256,
+            tie_word_embeddings=False,
             mm_hidden_size=64,
         ),
         (64, 32),
@@ -142,44 +190,34 @@ def build_models(
     vocab_limit: Optional[int] = None,
 ) -> Tuple[EVEModel, nn.Module]:
     """A random-weight EVE model and mlx-lm's plain LLaMA / Qwen2 holding the EVE text-branch arrays."""
-    module = model_module(config["model_type"])
-    eve = module.Model(module.ModelArgs.from_dict(config))
+    family = family_of(config["model_type"])
+    eve = build_model(config, vision_args={})
     eve.set_dtype(dtype)
     if bits:
-        _quantize(eve, bits, group_size)
+        quantization.apply(eve, quantization.plan(eve, bits, group_size, keep_float=family.patch_embedding_paths))
     # One array at a time, so the float32 initial values of a large model never exist all at once.
     for _, array in tree_flatten(eve.parameters()):
         mx.eval(array)
     eve.eval()
     eve.vocab_limit = vocab_limit
 
-    lm_module = llama if config["model_type"] == "eve" else qwen2
-    lm_type = lm_module.__name__.rsplit(".", 1)[-1]
-    lm = lm_module.Model(lm_module.ModelArgs.from_dict({**config, "model_type": lm_type}))
+    lm_module = importlib.import_module(f"mlx_lm.models.{family.text_model}")
+    lm = lm_module.Model(lm_module.ModelArgs.from_dict({**config, "model_type": family.text_model}))
     if bits:
-        _quantize(lm, bits, group_size)
+        quantization.apply(lm, quantization.plan(lm, bits, group_size))
     lm.load_weights(text_weights(eve), strict=True)
     lm.eval()
     return eve, lm
 
 
-def _quantize(model: nn.Module, bits: int, group_size: int) -> None:
-    """Every layer that can be quantized and whose input width splits into groups, as mlx-lm's convert does."""
-    nn.quantize(
-        model,
-        group_size=group_size,
-        bits=bits,
-        class_predicate=lambda _, m: hasattr(m, "to_quantized") and m.weight.shape[-1] % group_size == 0,
-    )
-
-
-def _is_text_decoder_key(key: str) -> bool:
-    return ".moe_" not in key and not key.startswith(("model.vision_tower.", "model.mm_projector."))
+def _is_text_decoder_key(family: Family, key: str) -> bool:
+    return ".moe_" not in key and not family.is_patch_embedding(key)
 
 
 def text_weights(eve: EVEModel) -> List[Tuple[str, mx.array]]:
     """The EVE parameters a plain LLaMA / Qwen2 has: the decoder without the visual copies and image modules."""
-    return [(k, v) for k, v in tree_flatten(eve.parameters()) if _is_text_decoder_key(k)]
+    family = family_of(eve.model_type)
+    return [(k, v) for k, v in tree_flatten(eve.parameters()) if _is_text_decoder_key(family, k)]
 
 
 def parameter_bytes(model: nn.Module, prefix: str = "") -> int:
@@ -189,11 +227,11 @@ def parameter_bytes(model: nn.Module, prefix: str = "") -> int:
 def decode_weight_bytes(model: nn.Module) -> int:
     """Weights a decode step reads: text layers, final norm and head (the one embedding row it reads is
     negligible, unless the embedding is the head)."""
-    tied = model.args.tie_word_embeddings
+    tied, family = model.args.tie_word_embeddings, family_of(model.model_type)
     return sum(
         v.nbytes
         for k, v in tree_flatten(model.parameters())
-        if _is_text_decoder_key(k) and (tied or not k.startswith("model.embed_tokens."))
+        if _is_text_decoder_key(family, k) and (tied or not k.startswith("model.embed_tokens."))
     )
 
 
@@ -239,10 +277,8 @@ def _blend_layer(layer: nn.Module, h: mx.array, visual: Optional[mx.array], mask
 
 
 def token_stride(config: dict) -> int:
-    """Pixels per image token along a side."""
-    if config["model_type"] == "eve":
-        return config.get("patch_stride", 14) * config.get("conv_stride", 2)
-    return config.get("patch_stride", 16) * config.get("dense_stride", 2)
+    """Pixels per image token along a side, at the family's default strides."""
+    return family_of(config["model_type"]).image_processor().token_stride
 
 
 def image_tokens(side: int, stride: int) -> int:
@@ -463,8 +499,11 @@ class Result:
             if p.blend_speedup is not None:
                 target = TARGETS["blend_speedup"]
                 checks.append(
-                    (f"split layers' prefill speedup over the reference blend >= {target}", p.blend_speedup,
-                     p.blend_speedup >= target)
+                    (
+                        f"split layers' prefill speedup over the reference blend >= {target}",
+                        p.blend_speedup,
+                        p.blend_speedup >= target,
+                    )
                 )
         return checks
 
@@ -536,7 +575,9 @@ def compare_prefill(
         runs["blend"] = lambda: prefill_once(blend, ids, lambda: embeddings, step)
     times = take_turns(runs, warmup, repeats)
     result = PrefillResult(
-        pixels.shape[0], int((np.asarray(ids) == IMAGE_TOKEN_ID).sum()), ids.size,
+        pixels.shape[0],
+        int((np.asarray(ids) == IMAGE_TOKEN_ID).sum()),
+        ids.size,
         patch_s=fastest(times["eve"], "embed_seconds"),
         eve_s=fastest(times["eve"]),
         lm_s=fastest(times["lm"]),
@@ -614,7 +655,8 @@ def benchmark(
         f"weights: EVE {_gb(result.eve_weight_bytes)}, mlx-lm {_gb(result.lm_weight_bytes)} (shared with EVE), "
         f"read per decode token {_gb(result.decode_weight_bytes)}"
     )
-    blend_model = ReferenceBlend(eve) if blend and config["model_type"] == "eve-qwen2" else None
+    has_visual_copies = any(".moe_" in k for k, _ in tree_flatten(eve.parameters()))
+    blend_model = ReferenceBlend(eve) if blend and has_visual_copies else None
     stride = token_stride(config)
     for side in spec.image_sizes if image_sizes is None else image_sizes:
         side = max(side // stride, 1) * stride
@@ -735,23 +777,48 @@ def build_parser() -> argparse.ArgumentParser:
             f"{shapes}\n"
             f"The defaults fit a 2-core CPU (float32, with OpenBLAS preloaded on Linux) in about ten minutes:\n"
             f"v2-0.5b with {CPU_LAYERS} real-shaped layers. On a GPU every layer is kept; for example:\n"
-            "  python -m mlx_eve.benchmark --shapes v2-0.5b v2-1.5b v2-7b v1-7b --dtype bfloat16 --bits 0 4\n"
+            "  python benchmarks/speed.py --shapes v2-0.5b v2-1.5b v2-7b v1-7b --dtype bfloat16 --bits 0 4\n"
             "Pass --image-sizes or --context-lengths with no values to skip prefill or decode."
         ),
     )
     p.add_argument("--shapes", nargs="+", default=["v2-0.5b"], choices=list(SHAPES), help="Model shapes.")
-    p.add_argument("--dtype", nargs="+", default=["float32"], choices=list(DTYPES),
-                   help="Weight and activation dtypes (half precision is slow on MLX's CPU backend).")
-    p.add_argument("--bits", nargs="+", type=int, default=[0], choices=[0, 2, 3, 4, 5, 6, 8],
-                   help="Weight quantization bits, 0 for none (default 0).")
+    p.add_argument(
+        "--dtype",
+        nargs="+",
+        default=["float32"],
+        choices=list(DTYPES),
+        help="Weight and activation dtypes (half precision is slow on MLX's CPU backend).",
+    )
+    p.add_argument(
+        "--bits",
+        nargs="+",
+        type=int,
+        default=[0],
+        choices=[0, 2, 3, 4, 5, 6, 8],
+        help="Weight quantization bits, 0 for none (default 0).",
+    )
     p.add_argument("--group-size", type=int, default=64, help="Quantization group size.")
-    p.add_argument("--layers", type=int, default=None,
-                   help=f"Decoder layers to build, each of real shape (default: all on a GPU, {CPU_LAYERS} on a CPU).")
+    p.add_argument(
+        "--layers",
+        type=int,
+        default=None,
+        help=f"Decoder layers to build, each of real shape (default: all on a GPU, {CPU_LAYERS} on a CPU).",
+    )
     p.add_argument("--image-sizes", nargs="*", type=int, default=None, help="Image sides in pixels.")
-    p.add_argument("--context-lengths", nargs="*", type=int, default=[256, 1024, 4096],
-                   help="KV cache lengths decoding starts from (default 256 1024 4096).")
+    p.add_argument(
+        "--context-lengths",
+        nargs="*",
+        type=int,
+        default=[256, 1024, 4096],
+        help="KV cache lengths decoding starts from (default 256 1024 4096).",
+    )
     p.add_argument("--decode-tokens", type=int, default=8, help="Timed tokens per decode run.")
-    p.add_argument("--repeats", type=int, default=5, help="Timed repeats; the fastest is reported, with medians of the per-repeat ratios.")
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=5,
+        help="Timed repeats; the fastest is reported, with medians of the per-repeat ratios.",
+    )
     p.add_argument("--warmup", type=int, default=1, help="Untimed runs before the repeats.")
     p.add_argument("--prefill-step-size", type=int, default=2048, help="Prompt tokens per prefill step.")
     p.add_argument("--no-blend", action="store_true", help="Skip the EVEv2 reference-blend comparison.")
@@ -775,8 +842,19 @@ def main(argv: Optional[List[str]] = None) -> int:
     for shape, dtype, bits in itertools.product(args.shapes, args.dtype, args.bits):
         results.append(
             benchmark(
-                shape, dtype, bits, args.group_size, layers, args.image_sizes, args.context_lengths,
-                args.decode_tokens, args.repeats, args.warmup, args.prefill_step_size, not args.no_blend, args.seed,
+                shape,
+                dtype,
+                bits,
+                args.group_size,
+                layers,
+                args.image_sizes,
+                args.context_lengths,
+                args.decode_tokens,
+                args.repeats,
+                args.warmup,
+                args.prefill_step_size,
+                not args.no_blend,
+                args.seed,
                 probe,
             )
         )

@@ -1,0 +1,53 @@
+"""Command-line parsing shared by the tools: option types that refuse a bad value while the arguments are
+parsed (the same checks serve YAML configs), and a parser whose mistakes are reported in one line."""
+
+import argparse
+import math
+from pathlib import Path
+from typing import Callable, NoReturn
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """``argparse.ArgumentParser`` whose errors are one ``error:`` line (exit code 2), without the usage."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {message}\n")
+
+
+def number(kind: type, wanted: str, ok: Callable[[float], bool] = lambda value: True) -> Callable[[str], float]:
+    """An option type: a finite ``kind`` (int or float) that passes ``ok``; ``wanted`` describes it."""
+
+    def convert(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not math.isfinite(value) or not ok(value):
+            raise argparse.ArgumentTypeError(f"expected {wanted}, got {text!r}")
+        return value
+
+    return convert
+
+
+def existing(what: str, exists: Callable[[Path], bool]) -> Callable[[str], Path]:
+    """An option type: a path that must exist as ``what``."""
+
+    def convert(text: str) -> Path:
+        if not exists(Path(text)):
+            raise argparse.ArgumentTypeError(f"no such {what}: {text}")
+        return Path(text)
+
+    return convert
+
+
+NUMBER = number(float, "a number")
+POSITIVE = number(float, "a number > 0", lambda v: v > 0)
+NON_NEGATIVE = number(float, "a number >= 0", lambda v: v >= 0)
+FRACTION = number(float, "a number in [0, 1)", lambda v: 0 <= v < 1)
+PROBABILITY = number(float, "a number in [0, 1]", lambda v: 0 <= v <= 1)
+COUNT = number(int, "an integer >= 1", lambda v: v >= 1)
+COUNT_OR_ALL = number(int, "an integer >= 1, or -1 for all", lambda v: v >= 1 or v == -1)
+NON_NEGATIVE_INT = number(int, "an integer >= 0", lambda v: v >= 0)
+FILE = existing("file", Path.is_file)
+FOLDER = existing("folder", Path.is_dir)
+FILE_OR_FOLDER = existing("file or folder", Path.exists)
