@@ -43,6 +43,7 @@ def test_tiny_run_reports_every_measurement(tmp_path, capsys):
         assert r["memory_ratio"]["eve"] >= 1 and r["memory_ratio"]["mlx_lm"] >= 1
         assert len(r["targets"]) == (5 if r["shape"] == "v2-tiny" else 4)
     assert printed.count("Targets:") == 4 and "| 64² | 7 / 59 |" in printed
+    assert printed.count("the targets are set for the real shapes") == 4
 
 
 def test_decode_is_set_against_the_measured_bandwidth():
