@@ -1,0 +1,117 @@
+"""The serving engine: batched answers equal one-at-a-time answers, the prompt cache is reused only for the
+same images, stop strings, log-probabilities, cancellation and a full queue."""
+
+import time
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+
+from mlx_eve import batch_generate, generate
+from mlx_eve.engine import Engine, QueueFullError, SamplingParams
+from mlx_eve.errors import PromptError
+
+
+def picture(size, colour, box):
+    image = Image.new("RGB", size, "white")
+    ImageDraw.Draw(image).ellipse(box, fill=colour)
+    return image
+
+
+RED = picture((320, 240), (200, 0, 0), (40, 40, 160, 160))
+BLUE = picture((320, 240), (0, 0, 200), (150, 60, 280, 200))  # the same size: the same number of image tokens
+
+
+@pytest.fixture(params=["v1", "v2"])
+def model(request, v1_model, v2_model):
+    return v1_model if request.param == "v1" else v2_model
+
+
+@pytest.fixture
+def engine(model):
+    engine = Engine(*model)
+    yield engine
+    engine.close()
+
+
+def test_batched_answers_equal_one_at_a_time_greedy_answers(model):
+    prompts = [
+        "What is it?",
+        "Describe the image.",
+        "Hello there",
+        [{"role": "user", "content": "<image> and <image>?"}],
+    ]
+    images = [RED, BLUE, None, [BLUE, RED]]
+    alone = [generate(*model, p, image=i, max_tokens=12) for p, i in zip(prompts, images)]
+    assert batch_generate(*model, prompts, images, max_tokens=12) == alone
+    assert len(set(alone)) > 1  # the prompts really differ
+
+
+def test_a_resent_conversation_reuses_its_cache_but_not_for_another_image(engine, model):
+    first = list(engine.submit("What is it?", [RED], SamplingParams(max_tokens=6)))
+    answer = "".join(e.text for e in first)
+    assert first[-1].usage.cached_tokens == 0 and first[-1].usage.image_tokens == model[1].image_processor.num_tokens(
+        *RED.size
+    )
+    conversation = [
+        {"role": "user", "content": "What is it?"},
+        {"role": "assistant", "content": answer},
+        {"role": "user", "content": "And the colour?"},
+    ]
+    again = list(engine.submit(conversation, [RED], SamplingParams(max_tokens=6)))
+    usage = again[-1].usage
+    assert usage.cached_tokens >= first[-1].usage.prompt_tokens - 1  # the whole first prompt, image included
+    assert "".join(e.text for e in again) == generate(*model, conversation, image=RED, max_tokens=6)
+    other = list(engine.submit(conversation, [BLUE], SamplingParams(max_tokens=6)))
+    text_before_image = model[1](conversation, [BLUE]).input_ids.tolist().index(-200)
+    assert other[-1].usage.cached_tokens == text_before_image  # stops where the image differs
+    assert "".join(e.text for e in other) == generate(*model, conversation, image=BLUE, max_tokens=6)
+
+
+def test_stop_strings_end_the_answer_before_them(engine, model):
+    full = generate(*model, "Describe the image.", image=BLUE, max_tokens=20)
+    stop = full[4:7]
+    events = list(engine.submit("Describe the image.", [BLUE], SamplingParams(max_tokens=20, stop=[stop])))
+    text = "".join(e.text for e in events)
+    assert text == full[: full.index(stop)] and events[-1].finish_reason == "stop"
+    events = list(engine.submit("Describe the image.", [BLUE], SamplingParams(max_tokens=3)))
+    assert events[-1].finish_reason == "length" and events[-1].usage.completion_tokens == 3
+
+
+def test_log_probabilities_are_those_of_the_model(engine, model):
+    m, processor = model
+    events = list(engine.submit("What is it?", [RED], SamplingParams(max_tokens=1, top_logprobs=3)))
+    inputs = processor("What is it?", [RED])
+    logits = m(inputs.input_ids[None], input_embeddings=m.embed_inputs(inputs.input_ids, inputs.pixel_values)[None])
+    last = np.asarray(logits[0, -1].astype(mx.float32), dtype=np.float64)
+    reference = last - np.log(np.exp(last - last.max()).sum()) - last.max()  # log-softmax in numpy
+    best = np.argsort(-reference)[:3]
+    assert events[0].token == best[0]
+    np.testing.assert_allclose(events[0].logprob, reference[best[0]], atol=1e-4)
+    np.testing.assert_allclose([p for _, p in events[0].top_logprobs], reference[best], atol=1e-4)
+    assert [t for t, _ in events[0].top_logprobs] == [processor.tokenizer.decode([int(t)]) for t in best]
+
+
+def test_a_cancelled_request_frees_its_place_at_once(model):
+    engine = Engine(*model, max_batch_size=1)
+    try:
+        long = engine.submit("Describe the image.", [RED], SamplingParams(max_tokens=100000))
+        next(iter(long))
+        long.cancel()
+        tic = time.perf_counter()
+        events = list(engine.submit("Hello", None, SamplingParams(max_tokens=4)))
+        assert events[-1].usage.completion_tokens == 4 and time.perf_counter() - tic < 30
+    finally:
+        engine.close()
+
+
+def test_bad_requests_fail_at_submit_and_a_full_queue_says_so(model):
+    engine = Engine(*model, max_queued=0)
+    try:
+        with pytest.raises(PromptError, match="placeholder"):
+            engine.submit("<image> <image>", [RED])
+        with pytest.raises(QueueFullError):
+            engine.submit("Hello")
+    finally:
+        engine.close()
