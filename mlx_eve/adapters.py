@@ -5,10 +5,11 @@ from pathlib import Path
 from typing import Union
 
 import mlx.core as mx
+import mlx.nn as nn
 from mlx.utils import tree_flatten
 from mlx_lm.tuner.utils import linear_to_lora_layers
 
-from .errors import CheckpointError
+from .errors import CheckpointError, EVEError
 from .families import family_of
 from .models.base import EVEModel
 
@@ -63,3 +64,24 @@ def load_adapters(model: EVEModel, adapter_path: Union[str, Path]) -> EVEModel:
         raise CheckpointError(f"The adapters in {adapter_path} do not fit this model:\n" + "\n".join(errors))
     model.load_weights([(name, w.astype(trained[name].dtype)) for name, w in weights.items()], strict=False)
     return model
+
+
+def prepare_model(model: EVEModel, config: dict) -> None:
+    """Freeze the model and make exactly the chosen parameters trainable (LoRA weights drawn from the seed)."""
+    mx.random.seed(config["seed"])
+    if config["fine_tune_type"] == "full" and any(
+        isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)) for _, m in model.named_modules()
+    ):
+        raise EVEError("Full fine-tuning needs a floating-point model; use LoRA (QLoRA) on a quantized one.")
+    if config.get("freeze_patch_embedding") and (config["fine_tune_type"] != "full" or config["train_patch_embedding"]):
+        raise EVEError(
+            "--freeze-patch-embedding goes with --fine-tune-type full, and not with --train-patch-embedding."
+        )
+    trains_patch_embedding = config["train_patch_embedding"] or (
+        config["fine_tune_type"] == "full" and not config.get("freeze_patch_embedding")
+    )
+    if config.get("patch_embedding_lr_scale", 1.0) != 1.0 and not trains_patch_embedding:
+        raise EVEError(
+            "--patch-embedding-lr-scale needs a trained patch embedding (--train-patch-embedding or full fine-tuning)."
+        )
+    make_trainable(model, config)

@@ -40,6 +40,11 @@ def existing(what: str, exists: Callable[[Path], bool]) -> Callable[[str], Path]
     return convert
 
 
+# The floating-point types a model can be converted to or loaded in.
+DTYPES = ["float16", "bfloat16", "float32"]
+# mlx-lm's mixed-precision recipes (mlx_lm.convert.QUANT_RECIPES), named here so that parsing needs no mlx-lm.
+QUANT_RECIPES = ["mixed_2_6", "mixed_3_4", "mixed_3_6", "mixed_4_6"]
+
 NUMBER = number(float, "a number")
 POSITIVE = number(float, "a number > 0", lambda v: v > 0)
 NON_NEGATIVE = number(float, "a number >= 0", lambda v: v >= 0)

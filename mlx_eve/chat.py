@@ -13,7 +13,7 @@ import mlx.core as mx
 from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache, trim_prompt_cache
 from mlx_lm.utils import common_prefix_len
 
-from .generate import GenerationResponse, generate_from_inputs
+from .generation import GenerationResponse, generate_from_inputs
 from .image import ImageInput, load_image
 from .models import IMAGE_TOKEN_ID
 from .models.base import EVEModel

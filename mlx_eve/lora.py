@@ -8,22 +8,16 @@ machines: ``mlx.launch ... mlx_eve.lora ...``.
 """
 
 import argparse
-import dataclasses
 import json
 import math
 import sys
 import types
 from pathlib import Path
-from typing import List, Optional, Tuple
+from typing import TYPE_CHECKING, List, Optional
 
 import mlx.core as mx
-import mlx.nn as nn
 import yaml
-from mlx.utils import tree_flatten
-from mlx_lm.tuner.trainer import grad_checkpoint
-from mlx_lm.utils import get_total_parameters
 
-from .adapters import load_adapters, make_trainable
 from .arguments import (
     COUNT,
     COUNT_OR_ALL,
@@ -38,13 +32,12 @@ from .arguments import (
     ArgumentParser,
     number,
 )
-from .data import DataError, load_splits
 from .demo import BUNDLED_MODEL
 from .errors import EVEError, run_cli
 from .families import FAMILIES, family_of
-from .loading import load
-from .models.base import EVEModel
-from .trainer import TrainingArgs, evaluate, find_checkpoint, train
+
+if TYPE_CHECKING:
+    from .models.base import EVEModel
 
 # What must match between a run and the checkpoint it resumes.
 STRUCTURE = [
@@ -213,7 +206,7 @@ def config_flags(path: Path) -> List[str]:
     return flags
 
 
-def adapter_config(args: types.SimpleNamespace, model: EVEModel) -> dict:
+def adapter_config(args: types.SimpleNamespace, model: "EVEModel") -> dict:
     """mlx-lm's adapter schema (fine_tune_type, num_layers, lora_parameters with keys) plus our options."""
     family = family_of(model.model_type)
     targets = args.targets or family.default_targets
@@ -231,48 +224,15 @@ def adapter_config(args: types.SimpleNamespace, model: EVEModel) -> dict:
     return config
 
 
-def prepare_model(model: EVEModel, config: dict) -> None:
-    """Freeze the model and make exactly the chosen parameters trainable (LoRA weights drawn from the seed)."""
-    mx.random.seed(config["seed"])
-    if config["fine_tune_type"] == "full" and any(
-        isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)) for _, m in model.named_modules()
-    ):
-        raise EVEError("Full fine-tuning needs a floating-point model; use LoRA (QLoRA) on a quantized one.")
-    if config.get("freeze_patch_embedding") and (config["fine_tune_type"] != "full" or config["train_patch_embedding"]):
-        raise EVEError(
-            "--freeze-patch-embedding goes with --fine-tune-type full, and not with --train-patch-embedding."
-        )
-    trains_patch_embedding = config["train_patch_embedding"] or (
-        config["fine_tune_type"] == "full" and not config.get("freeze_patch_embedding")
-    )
-    if config.get("patch_embedding_lr_scale", 1.0) != 1.0 and not trains_patch_embedding:
-        raise EVEError(
-            "--patch-embedding-lr-scale needs a trained patch embedding (--train-patch-embedding or full fine-tuning)."
-        )
-    make_trainable(model, config)
-
-
-def parameter_counts(model: nn.Module) -> Tuple[int, int]:
-    """Trainable and total parameters, a quantized weight counted at its real size as mlx-lm does."""
-    # mlx-lm's total covers leaf modules only: add the arrays modules hold beside submodules (EVEv2's
-    # class and split embeddings, LoRA's A and B), or full fine-tuning reports more than 100 %.
-    beside = sum(
-        v.size
-        for _, m in model.named_modules()
-        if tree_flatten(m.children())
-        for v in m.values()
-        if isinstance(v, mx.array)
-    )
-    trainable = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
-    return trainable, get_total_parameters(model) + beside
-
-
-def training_args(args: types.SimpleNamespace) -> TrainingArgs:
-    """The training loop's share of the options."""
-    return TrainingArgs(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainingArgs)})
-
-
 def run(args: types.SimpleNamespace) -> None:
+    # mlx-lm (and transformers) load here, once the options are known to be good: --help stays instant.
+    from mlx_lm.tuner.trainer import grad_checkpoint
+
+    from .adapters import load_adapters, prepare_model
+    from .data import DataError, load_splits
+    from .loading import load
+    from .trainer import evaluate, find_checkpoint, parameter_counts, train, training_args
+
     group = mx.distributed.init()
     say = print if group.rank() == 0 else (lambda *a, **k: None)
     say(f"Loading {args.model}")

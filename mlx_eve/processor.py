@@ -6,7 +6,7 @@ import warnings
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Union
+from typing import List, Optional, Sequence, Union
 
 import mlx.core as mx
 from mlx_lm.tokenizer_utils import TokenizerWrapper
@@ -16,10 +16,9 @@ from PIL import Image
 from .errors import CheckpointError, PromptError, PromptTooLongError
 from .image import ImageInput, load_image
 from .image_processing import ImageProcessor
-from .prompts import IMAGE_PLACEHOLDER, Template, check_turns, place_images, to_messages
+from .prompts import IMAGE_PLACEHOLDER, Prompt, Template, check_turns, place_images, to_messages
 from .tokenization import Encoder, SentencePieceEncoder, tokenize_with_images
 
-Prompt = Union[str, Sequence[Dict[str, str]]]
 # What a model folder holds besides weights and config.json, copied along when a model is saved.
 PROCESSOR_FILES = [
     "tokenizer.model",

@@ -17,6 +17,8 @@ DEFAULT_SYSTEM = (
 )
 
 Messages = List[Dict[str, str]]
+# What the processor and the generation functions take: a question, or a list of role/content messages.
+Prompt = Union[str, Sequence[Dict[str, str]]]
 
 
 @dataclass(frozen=True)

@@ -6,11 +6,13 @@ uninterrupted run would have. With ``mx.distributed`` (launched by ``mlx.launch`
 global batch and the gradients are averaged, giving the same updates as one process with the whole batch.
 """
 
+import dataclasses
 import json
 import math
 import shutil
 import signal
 import time
+import types
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, List, Optional, Tuple
@@ -21,6 +23,7 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 from mlx_lm.tuner.utils import build_schedule
+from mlx_lm.utils import get_total_parameters
 
 from .data import Sample
 from .errors import EVEError
@@ -373,3 +376,23 @@ def train(
                 say(f"Stopped at step {step}; resume with --resume.")
                 break
     return step
+
+
+def parameter_counts(model: nn.Module) -> Tuple[int, int]:
+    """Trainable and total parameters, a quantized weight counted at its real size as mlx-lm does."""
+    # mlx-lm's total covers leaf modules only: add the arrays modules hold beside submodules (EVEv2's
+    # class and split embeddings, LoRA's A and B), or full fine-tuning reports more than 100 %.
+    beside = sum(
+        v.size
+        for _, m in model.named_modules()
+        if tree_flatten(m.children())
+        for v in m.values()
+        if isinstance(v, mx.array)
+    )
+    trainable = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
+    return trainable, get_total_parameters(model) + beside
+
+
+def training_args(args: types.SimpleNamespace) -> TrainingArgs:
+    """The training loop's share of the options."""
+    return TrainingArgs(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainingArgs)})

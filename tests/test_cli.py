@@ -91,3 +91,32 @@ def test_unreachable_hub_is_a_clear_error(tmp_path):
     result = run("generate.py", "--model", "nobody/no-such-eve", "-p", "Hi", env=env)
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert "Hugging Face Hub could not provide it" in result.stderr
+
+
+COMMANDS = ["generate", "convert", "lora", "fuse"]
+
+
+def test_help_and_argument_errors_need_no_mlx_lm():
+    """Parsing runs before mlx-lm (and transformers, several seconds to import) is loaded."""
+    code = (
+        "import importlib, sys\n"
+        "command = importlib.import_module('mlx_eve.{name}')\n"
+        "for argv in (['--help'], ['--no-such-option']):\n"
+        "    try:\n"
+        "        command.main(argv)\n"
+        "    except SystemExit as e:\n"
+        "        assert e.code in (0, 2), e.code\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('mlx_lm', 'transformers', 'torch')))\n"
+    )
+    for name in COMMANDS:
+        result = run("-c", code.format(name=name))
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.strip().splitlines()[-1] == "[]", (name, result.stdout[-500:])
+
+
+def test_the_recipe_names_the_parser_knows_are_mlx_lms():
+    from mlx_lm.convert import QUANT_RECIPES
+
+    from mlx_eve.arguments import QUANT_RECIPES as ours
+
+    assert ours == QUANT_RECIPES

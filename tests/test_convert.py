@@ -11,9 +11,9 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 
-import mlx_eve.convert as convert_module
+import mlx_eve.conversion as convert_module
 from mlx_eve import load, stream_generate
-from mlx_eve.convert import ConvertError, convert
+from mlx_eve.conversion import ConvertError, convert
 from mlx_eve.errors import CheckpointError
 from mlx_eve.saving import OutputExistsError, write_model_card
 from mlx_eve.shard_writer import ShardWriter
@@ -223,7 +223,7 @@ def test_a_failure_mid_conversion_leaves_nothing_that_looks_finished(sources, tm
 def test_a_killed_conversion_leaves_only_a_hidden_incomplete_folder(sources, tmp_path):
     script = (
         "import os, sys\n"
-        "import mlx_eve.convert as c\n"
+        "import mlx_eve.conversion as c\n"
         "from mlx_eve.shard_writer import ShardWriter\n"
         "write = ShardWriter.write\n"
         "count = [0]\n"

@@ -13,7 +13,7 @@ from mlx_lm.models import qwen3
 from PIL import Image
 
 from mlx_eve import generate, load
-from mlx_eve.convert import convert
+from mlx_eve.conversion import convert
 from mlx_eve.errors import CheckpointError
 from mlx_eve.families import FAMILIES, TEXT_LINEARS, Family, family_of, register
 from mlx_eve.image_processing import AnyPixelProcessor, AnyRatioProcessor

@@ -18,8 +18,9 @@ from mlx.utils import tree_flatten
 from PIL import Image, ImageDraw
 
 from mlx_eve import load
+from mlx_eve.adapters import prepare_model
 from mlx_eve.data import DataError, load_splits
-from mlx_eve.lora import adapter_config, parameter_counts, prepare_model, resolve_args, training_args
+from mlx_eve.lora import adapter_config, resolve_args
 from mlx_eve.lora import main as lora_main
 from mlx_eve.models import IMAGE_TOKEN_ID
 from mlx_eve.trainer import (
@@ -29,7 +30,9 @@ from mlx_eve.trainer import (
     learning_rate_schedule,
     loss_sum,
     make_batch,
+    parameter_counts,
     train,
+    training_args,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -226,7 +229,7 @@ def test_lora_training_lowers_the_loss(family, targets, v1_path, v2_path, datase
 
 
 def test_qlora_on_a_4bit_conversion_and_full_training(v2_path, dataset, tmp_path):
-    from mlx_eve.convert import convert
+    from mlx_eve.conversion import convert
 
     q4 = convert(str(v2_path), tmp_path / "q4", quantize=True)
     model, processor = _lora(q4, "both")
@@ -471,7 +474,7 @@ def test_adapters_load_everywhere_and_fuse(v2_path, dataset, tmp_path, images):
             m(inputs.input_ids[None], input_embeddings=m.embed_inputs(inputs.input_ids, inputs.pixel_values)[None])
         )
 
-    from mlx_eve.fuse import fuse
+    from mlx_eve.fusion import fuse
 
     fused, _ = load(str(fuse(str(v2_path), str(adapters), str(tmp_path / "fused"))))
     np.testing.assert_allclose(logits(fused), logits(adapted), atol=1e-4)
@@ -502,7 +505,7 @@ def test_adapters_load_everywhere_and_fuse(v2_path, dataset, tmp_path, images):
 
 def test_lora_with_the_patch_embedding_loads_and_fuses_and_foreign_tensors_are_refused(v2_path, dataset, tmp_path):
     from mlx_eve.errors import CheckpointError
-    from mlx_eve.fuse import fuse
+    from mlx_eve.fusion import fuse
 
     adapters = tmp_path / "adapters"
     argv = [
@@ -572,8 +575,8 @@ def test_full_training_with_a_frozen_patch_embedding_keeps_it_and_loads_back(v2_
 
 
 def test_fuse_into_a_quantized_base_warns_and_can_dequantize(v2_path, dataset, tmp_path, capfd):
-    from mlx_eve.convert import convert
-    from mlx_eve.fuse import fuse
+    from mlx_eve.conversion import convert
+    from mlx_eve.fusion import fuse
 
     q8 = convert(str(v2_path), tmp_path / "q8", quantize=True, q_bits=8)
     assert (
@@ -700,8 +703,8 @@ def test_gradient_checkpointing_gives_the_same_training(v2_path, dataset, tmp_pa
 
 def test_fuse_writes_a_16_bit_base_back_in_16_bits(v2_path, dataset, tmp_path):
     """A CPU computes a float16 model in float32 (loading.compute_dtype); the fused model is stored as float16."""
-    from mlx_eve.convert import convert
-    from mlx_eve.fuse import fuse
+    from mlx_eve.conversion import convert
+    from mlx_eve.fusion import fuse
 
     fp16 = convert(str(v2_path), tmp_path / "fp16", dtype="float16")
     assert (
@@ -895,7 +898,7 @@ def test_learning_rate_schedule(options, expected):
 
 def test_trainable_parameters_count_quantized_weights_at_their_real_size(v2_path, tmp_path):
     """QLoRA counts the same as LoRA on the floating-point model: every weight once, at its real size."""
-    from mlx_eve.convert import convert
+    from mlx_eve.conversion import convert
 
     config = json.loads((v2_path / "config.json").read_text())
     D, inner, layers = config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"]
