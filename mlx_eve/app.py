@@ -2,11 +2,14 @@
 
 The model is loaded once, before the server starts, and serves every browser tab. Each tab holds its own
 ``ChatSession`` (the conversation and its KV cache), so a follow-up question only runs its new tokens.
+Programs ask one question at a time through the API endpoint ``/answer`` (``ChatApp.answer``).
 All MLX work happens on one thread, one answer at a time; other requests wait in Gradio's queue.
+Ctrl-C stops the answer being generated after its current token and exits with code 130.
 """
 
 import argparse
 import queue
+import signal
 import sys
 import threading
 import time
@@ -19,16 +22,18 @@ from typing import TYPE_CHECKING, Callable, Dict, Iterator, List, Optional, Tupl
 
 import mlx.core as mx
 
-from .chat import ChatResponse, ChatSession
+from .arguments import COUNT, ArgumentParser, number
 from .demo import BUNDLED_MODEL, EXAMPLE_IMAGES
-from .errors import EVEError, ImageError
+from .errors import EVEError, ImageError, MissingDependencyError, run_cli
 from .families import family_of
-from .loading import load
-from .models.base import EVEModel
-from .processor import Processor
+from .generate import DESCRIBE
 
 if TYPE_CHECKING:
     import gradio as gr
+
+    from .chat import ChatResponse, ChatSession
+    from .models.base import EVEModel
+    from .processor import Processor
 
 INSTALL_HINT = "The chat app needs Gradio: pip install 'mlx-eve[app]'"
 EXAMPLE_QUESTIONS = {
@@ -36,8 +41,6 @@ EXAMPLE_QUESTIONS = {
     "shapes.png": ["How many shapes are there?", "What colour is the circle?", "What shape is the blue object?"],
 }
 TEXT_EXAMPLE = "Hello! What can you help me with?"
-# Asked when an image is sent without a question.
-DEFAULT_QUESTION = "Describe the image."
 NO_STATS = "Statistics of the last answer appear here."
 # System fonts only: the page must not wait for a font server when offline.
 FONTS = ["ui-sans-serif", "system-ui", "-apple-system", "Segoe UI", "Helvetica", "Arial", "sans-serif"]
@@ -51,7 +54,7 @@ Pending = Optional[Tuple[str, Optional[str]]]  # (question, image path) handed f
 class Tab:
     """What one browser tab keeps between events."""
 
-    session: Optional[ChatSession] = None
+    session: Optional["ChatSession"] = None
     stop_requested: bool = False
 
 
@@ -111,7 +114,7 @@ def iterate_on(
         abandoned.set()
 
 
-def format_stats(response: ChatResponse, note: str = "") -> str:
+def format_stats(response: "ChatResponse", note: str = "") -> str:
     """The footer: the size and speed of the last answer, and how much of its prompt the KV cache held."""
     total = response.prompt_tokens + response.reused_tokens
     if not response.image_tokens:
@@ -130,27 +133,83 @@ def format_stats(response: ChatResponse, note: str = "") -> str:
     return " · ".join(parts) + (f" · *{note}*" if note else "")
 
 
-def describe_error(error: BaseException) -> str:
-    if isinstance(error, (EVEError, ValueError)):
-        return f"⚠️ {error}"
-    return f"⚠️ Something went wrong: {type(error).__name__}: {error}"
+def statistics(response: "ChatResponse") -> Dict[str, object]:
+    """An API answer's statistics: its size, speeds (tokens/s) and peak memory (GB), and why it ended ("stop",
+    "length"; None while it is being generated)."""
+    return {
+        "prompt_tokens": response.prompt_tokens,
+        "image_tokens": response.image_tokens,
+        "generation_tokens": response.generation_tokens,
+        "prompt_tps": response.prompt_tps,
+        "generation_tps": response.generation_tps,
+        "peak_memory": response.peak_memory,
+        "finish_reason": response.finish_reason,
+    }
+
+
+def describe_error(error: BaseException, image: Optional[str]) -> str:
+    """What went wrong with an answer, for the user; an unexpected error also prints its traceback here.
+    An unreadable ``image`` is named as the user knows it, not by its upload path."""
+    if not isinstance(error, (EVEError, ValueError)):
+        traceback.print_exception(error)
+        return f"Something went wrong: {type(error).__name__}: {error}"
+    if isinstance(error, ImageError) and image is not None:
+        return str(error).replace(image, Path(image).name)
+    return str(error)
 
 
 class ChatApp:
-    """The event handlers, around one loaded model. Gradio is only needed by ``build``."""
+    """The event handlers, around one loaded model. Gradio is only needed by ``build`` and ``answer``."""
 
-    def __init__(self, model: EVEModel, processor: Processor, model_name: str):
+    def __init__(self, model: "EVEModel", processor: "Processor", model_name: str, adapters: Optional[str] = None):
         self.model = model
         self.processor = processor
         self.model_name = model_name
+        self.adapters = adapters
         self.default_max_size: Optional[int] = getattr(processor.image_processor, "max_size", None)
         self.mlx_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlx")
+        self.closing = threading.Event()
+
+    def loaded(self, code: str = "") -> str:
+        """What is loaded: the model, its family and the adapters, with names in ``code`` quotes."""
+        text = f"{code}{self.model_name}{code} ({family(self.model)})"
+        return text + (f" with adapters {code}{self.adapters}{code}" if self.adapters else "")
+
+    def new_session(self, image: Optional[str]) -> "ChatSession":
+        from .chat import ChatSession  # with mlx-lm, which the loaded model has brought in already
+
+        return ChatSession(self.model, self.processor, image)
 
     def close(self) -> None:
-        """Stop the MLX thread. It must free its MLX streams itself, or the process can abort at exit
-        ("terminate called without an active exception", ml-explore/mlx#4327)."""
+        """End running answers after their current token and stop the MLX thread. The thread must free its
+        MLX streams itself, or the process can abort at exit ("terminate called without an active exception",
+        ml-explore/mlx#4327)."""
+        self.closing.set()
         self.mlx_thread.submit(mx.clear_streams).result()
         self.mlx_thread.shutdown()
+
+    def run(self, turn: Callable[[], Iterator], should_stop: Callable[[], bool] = lambda: False) -> Iterator[list]:
+        """``iterate_on`` the MLX thread: one answer at a time, each ended early by ``should_stop`` or ``close``."""
+        return iterate_on(self.mlx_thread, turn, lambda: self.closing.is_set() or should_stop())
+
+    def options(
+        self,
+        temperature: float,
+        top_p: float,
+        max_tokens: float,
+        repetition_penalty: float,
+        system_prompt: Optional[str],
+        max_size: float,
+    ) -> dict:
+        """``ChatSession.stream``'s keyword arguments for the settings (the page's, or an API call's)."""
+        return dict(
+            max_tokens=int(max_tokens),
+            temp=float(temperature),
+            top_p=float(top_p),
+            repetition_penalty=None if repetition_penalty == 1 else float(repetition_penalty),
+            system_prompt=(system_prompt or "").strip() or None,
+            max_size=None if self.default_max_size is None else int(max_size),
+        )
 
     def submit(self, message: dict, history: List[Message], tab: Tab, camera: Optional[str]) -> tuple:
         """Show the user's message at once (not queued); ``respond`` answers it."""
@@ -164,8 +223,8 @@ class ChatApp:
         tab.stop_requested = False
         if image is not None:
             history = history + [{"role": "user", "content": {"path": image}}]
-        history = history + [{"role": "user", "content": text or DEFAULT_QUESTION}]
-        return history, gr.MultimodalTextbox(value=None, interactive=False), (text or DEFAULT_QUESTION, image), None
+        history = history + [{"role": "user", "content": text or DESCRIBE}]
+        return history, gr.MultimodalTextbox(value=None, interactive=False), (text or DESCRIBE, image), None
 
     def respond(
         self,
@@ -187,18 +246,11 @@ class ChatApp:
         history = history + [answer]
         footer = "Reading the image…" if image else "Processing the prompt…"
         yield history, footer
-        options = dict(
-            max_tokens=int(max_tokens),
-            temp=float(temperature),
-            top_p=float(top_p),
-            repetition_penalty=None if repetition_penalty == 1 else float(repetition_penalty),
-            system_prompt=system_prompt.strip() or None,
-            max_size=None if self.default_max_size is None else int(max_size),
-        )
+        options = self.options(temperature, top_p, max_tokens, repetition_penalty, system_prompt, max_size)
 
         def turn() -> Iterator:
             if image is not None or tab.session is None:
-                session = ChatSession(self.model, self.processor, image)
+                session = self.new_session(image)
                 if tab.session is not None and tab.session.messages:
                     yield _StartedOver()
                 tab.session = session
@@ -206,7 +258,7 @@ class ChatApp:
 
         response = None
         try:
-            for batch in iterate_on(self.mlx_thread, turn, lambda: tab.stop_requested):
+            for batch in self.run(turn, lambda: tab.stop_requested):
                 for item in batch:
                     if isinstance(item, _StartedOver):
                         # Before the new image's message (and the question after it).
@@ -217,14 +269,10 @@ class ChatApp:
                         footer = format_stats(response)
                 yield history, footer
         except Exception as e:
-            if not isinstance(e, (EVEError, ValueError)):
-                traceback.print_exc()
-            message = describe_error(e)
+            message = f"⚠️ {describe_error(e, image)}"
             if isinstance(e, ImageError):
-                # Name the file as the user knows it, not by its upload path, and show no broken picture.
-                name = Path(image).name
-                message = message.replace(image, name)
-                history[len(history) - 3] = {"role": "user", "content": f"📎 {name}"}
+                # Show no broken picture.
+                history[len(history) - 3] = {"role": "user", "content": f"📎 {Path(image).name}"}
             answer["content"] = (answer["content"] + "\n\n" if answer["content"] else "") + message
             yield history, NO_STATS if response is None else footer
             return
@@ -234,6 +282,41 @@ class ChatApp:
             yield history, format_stats(response, "stopped")
         elif response.finish_reason == "length":
             yield history, format_stats(response, "reached the maximum number of tokens")
+
+    def answer(
+        self,
+        question: str,
+        temperature: float,
+        top_p: float,
+        max_tokens: float,
+        repetition_penalty: float,
+        system_prompt: str,
+        max_size: float,
+        image: Optional[str] = None,
+    ) -> Iterator[Tuple[str, Dict[str, object]]]:
+        """Answer one question about an image (or about nothing), without a conversation before it.
+
+        Yields the answer so far and its statistics; the last pair is the whole answer. Without a question, the
+        image is described. The settings are the page's (Settings), with the same defaults and limits.
+        """
+        import gradio as gr
+
+        question = (question or "").strip()
+        if not question and image is None:
+            raise gr.Error("Ask a question, or give an image to describe.", print_exception=False)
+        options = self.options(temperature, top_p, max_tokens, repetition_penalty, system_prompt, max_size)
+
+        def turn() -> Iterator["ChatResponse"]:
+            return self.new_session(image).stream(question or DESCRIBE, **options)
+
+        text = ""
+        try:
+            for batch in self.run(turn):
+                text += "".join(response.text for response in batch)
+                yield text, statistics(batch[-1])
+        except Exception as e:
+            # Reported to the caller; describe_error prints the traceback of an unexpected error.
+            raise gr.Error(describe_error(e, image), print_exception=False) from e
 
     def stop(self, tab: Tab) -> None:
         tab.stop_requested = True
@@ -245,13 +328,13 @@ class ChatApp:
         return [], Tab(), gr.MultimodalTextbox(value=None, interactive=True), NO_STATS, None
 
     def build(self) -> "gr.Blocks":
-        """The Gradio Blocks page."""
+        """The Gradio Blocks page, and the API endpoint ``/answer``."""
         import gradio as gr
 
         with gr.Blocks(title="mlx-eve chat", analytics_enabled=False) as demo:
             tab = gr.State(Tab())
             pending = gr.State(None)
-            gr.Markdown(f"## mlx-eve chat\nModel: `{self.model_name}` ({family(self.model)})")
+            gr.Markdown(f"## mlx-eve chat\nModel: {self.loaded(code='`')}", elem_id="header")
             chatbot = gr.Chatbot(
                 elem_id="chat",
                 label="Conversation",
@@ -303,17 +386,35 @@ class ChatApp:
             gr.Examples(examples=self.examples(), inputs=[chat_input], label="Examples", elem_id="examples")
 
             settings = [temperature, top_p, max_tokens, repetition_penalty, system_prompt, resolution]
+            # The chat's events need the tab's state: the page's own, not part of the API.
+            private = dict(api_visibility="private")
             answering = chat_input.submit(
-                self.submit, [chat_input, chatbot, tab, camera], [chatbot, chat_input, pending, camera], queue=False
-            ).then(self.respond, [chatbot, tab, pending, *settings], [chatbot, stats], concurrency_id="generate")
+                self.submit,
+                [chat_input, chatbot, tab, camera],
+                [chatbot, chat_input, pending, camera],
+                queue=False,
+                **private,
+            ).then(
+                self.respond, [chatbot, tab, pending, *settings], [chatbot, stats], concurrency_id="generate", **private
+            )
             # `then` does not follow a failed event in Gradio 6, so `failure` gives the input back after an error.
             for after in (answering.then, answering.failure):
-                after(lambda: gr.MultimodalTextbox(interactive=True), None, [chat_input], queue=False)
-            stop.click(self.stop, [tab], None, queue=False)
+                after(lambda: gr.MultimodalTextbox(interactive=True), None, [chat_input], queue=False, **private)
+            stop.click(self.stop, [tab], None, queue=False, **private)
             reset_outputs = [chatbot, tab, chat_input, stats, pending]
             # Cancelling needs the queue; no concurrency limit, so a running answer does not hold it up.
-            clear.click(self.new_chat, [tab], reset_outputs, cancels=[answering], concurrency_limit=None)
-            chatbot.clear(self.new_chat, [tab], reset_outputs, cancels=[answering], concurrency_limit=None)
+            for reset in (clear.click, chatbot.clear):
+                reset(self.new_chat, [tab], reset_outputs, cancels=[answering], concurrency_limit=None, **private)
+
+            # The API endpoint: no trigger on the page; its settings are the sliders above (defaults, limits).
+            gr.on(
+                [],
+                self.answer,
+                [gr.Textbox(label="Question", visible=False), *settings, gr.File(label="Image", visible=False)],
+                [gr.Textbox(label="Answer", visible=False), gr.JSON(label="Statistics", visible=False)],
+                api_name="answer",
+                concurrency_id="generate",
+            )
         return demo
 
     def examples(self) -> List[dict]:
@@ -321,7 +422,7 @@ class ChatApp:
         examples = [
             {"text": question, "files": [str(image)]}
             for image in images
-            for question in EXAMPLE_QUESTIONS.get(image.name, [DEFAULT_QUESTION])
+            for question in EXAMPLE_QUESTIONS.get(image.name, [DESCRIBE])
         ]
         return examples + [{"text": TEXT_EXAMPLE, "files": []}]
 
@@ -334,7 +435,7 @@ def new_conversation_marker() -> Message:
     }
 
 
-def family(model: EVEModel) -> str:
+def family(model: "EVEModel") -> str:
     return family_of(model.model_type).name
 
 
@@ -351,49 +452,91 @@ def theme() -> "gr.themes.Base":
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Chat with an EVE model about images, in your browser.")
-    p.add_argument(
-        "--model", default=None, help=f"Model folder or Hugging Face repo (default: the bundled {BUNDLED_MODEL.name})."
+    p = ArgumentParser(description="Chat with an EVE model about images, in your browser.")
+    add = p.add_argument
+    add("--model", default=None, help=f"Model folder or Hugging Face repo (default: the bundled {BUNDLED_MODEL.name}).")
+    add("--adapter-path", default=None, help="Folder with LoRA adapters to apply.")
+    add("--host", default="127.0.0.1", help="Address to serve on (default 127.0.0.1: this computer only).")
+    add(
+        "--port",
+        type=number(int, "a port number (1-65535)", lambda v: 1 <= v <= 65535),
+        default=None,
+        help="Port (default: 7860, or the next free one).",
     )
-    p.add_argument("--adapter-path", default=None, help="Folder with LoRA adapters to apply.")
-    p.add_argument("--host", default="127.0.0.1", help="Address to serve on (default 127.0.0.1: this computer only).")
-    p.add_argument("--port", type=int, default=None, help="Port (default: 7860, or the next free one).")
-    p.add_argument("--max-size", type=int, default=None, help="Default EVEv2 image resolution (default 1600).")
-    p.add_argument("--open", action="store_true", help="Open the page in your web browser.")
+    add("--max-size", type=COUNT, default=None, help="Default EVEv2 image resolution (default: the model's).")
+    add("--open", action="store_true", help="Open the page in your web browser.")
+    add(
+        "--share",
+        action="store_true",
+        help="Also serve the app on a public gradio.live link, through Gradio's share servers: anyone with the "
+        "link can use it.",
+    )
     return p
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    return run_cli(lambda: serve(args))
+
+
+def serve(args: argparse.Namespace) -> None:
+    """Load the model and serve the app until Ctrl-C (``KeyboardInterrupt``)."""
     try:
         import gradio  # noqa: F401
-    except ImportError:
-        print(f"error: {INSTALL_HINT}", file=sys.stderr)
-        return 1
+    except ImportError as e:
+        raise MissingDependencyError(INSTALL_HINT) from e
+    from .loading import load  # mlx-lm: imported once the arguments are known to be good
+
     model_path = args.model or str(BUNDLED_MODEL)
     print(f"Loading {model_path} …", flush=True)
     start = time.perf_counter()
+    model, processor = load(model_path, adapter_path=args.adapter_path, max_size=args.max_size)
+    app = ChatApp(
+        model,
+        processor,
+        Path(model_path).name if Path(model_path).is_dir() else model_path,
+        args.adapter_path and Path(args.adapter_path).resolve().name,
+    )
+    print(f"Loaded {app.loaded()} in {time.perf_counter() - start:.1f} s.", flush=True)
+    demo = app.build()
     try:
-        model, processor = load(model_path, adapter_path=args.adapter_path, max_size=args.max_size)
-    except (EVEError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    print(f"Loaded {family(model)} model in {time.perf_counter() - start:.1f} s.", flush=True)
-    app = ChatApp(model, processor, Path(model_path).name if Path(model_path).is_dir() else model_path)
-    try:
-        demo = app.build()
-        demo.queue(default_concurrency_limit=1).launch(
-            server_name=args.host,
-            server_port=args.port,
-            inbrowser=args.open,
-            theme=theme(),
-            css=CSS,
-            # No run history: replaying a past call can not restore the conversation in the tab's KV cache.
-            run_history=False,
-        )
+        try:
+            demo.queue(default_concurrency_limit=1).launch(
+                server_name=args.host,
+                server_port=args.port,
+                inbrowser=args.open,
+                share=args.share,
+                # Gradio's messages speak of its Python API (`share=True` in `launch()`); the address is printed here.
+                quiet=True,
+                prevent_thread_lock=True,
+                theme=theme(),
+                css=CSS,
+                # No run history: replaying a past call can not restore the conversation in the tab's KV cache.
+                run_history=False,
+            )
+        except OSError as e:
+            ports = f"port {args.port} is" if args.port else "the ports from 7860 on are"
+            raise EVEError(
+                f"Could not serve on {args.host}: {ports} in use, or {args.host} is not an address of this computer. "
+                "Choose another --port (or --host)."
+            ) from e
+        print(f"Running on {demo.local_url} (Ctrl-C to quit)", flush=True)
+        while demo.is_running:
+            time.sleep(0.1)
     finally:
-        app.close()
-    return 0
+        # As Gradio's own Ctrl-C handling, this closes the server but not the queue: the answers being generated
+        # stop after their current token (`closing`) and end their event streams, which a stopped queue would keep
+        # open for seconds. The session heartbeats end too. A second Ctrl-C must not cut this short: MLX can abort
+        # at exit unless `app.close` runs.
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            app.closing.set()
+            if demo.is_running:
+                demo.app.stop_event.set()
+                demo.server.close()
+            app.close()
+        finally:
+            signal.signal(signal.SIGINT, previous)
 
 
 if __name__ == "__main__":

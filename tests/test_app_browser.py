@@ -7,16 +7,11 @@ the reason when either is missing. Set ``MLX_EVE_DOCS_SCREENSHOT=1`` to also ref
 import os
 import re
 import shutil
-import signal
-import socket
-import subprocess
-import sys
-import time
 import unicodedata
-import urllib.request
 from pathlib import Path
 
 import pytest
+from test_app_server import running_app
 
 ROOT = Path(__file__).resolve().parent.parent
 IMAGE = ROOT / "mlx_eve" / "assets" / "images" / "shapes.png"
@@ -62,57 +57,11 @@ def same_answer(shown: str, expected: str) -> bool:
 # --- The app and the browser ---------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def app_url(tmp_path_factory):
-    """``python app.py --port N`` as the README starts it, with the bundled demo model."""
-    tmp = tmp_path_factory.mktemp("app")
-    port = free_port()
-    log = open(tmp / "app.log", "w")
-    # Unbuffered, with faulthandler: if it ever hangs on Ctrl-C, SIGABRT puts every thread's stack in the log.
-    env = {**os.environ, "GRADIO_TEMP_DIR": str(tmp / "uploads"), "PYTHONUNBUFFERED": "1", "PYTHONFAULTHANDLER": "1"}
-    # Ctrl-C must reach it even when the tests run as a background job (whose children inherit SIGINT ignored).
-    server = subprocess.Popen(
-        [sys.executable, "app.py", "--port", str(port)],
-        cwd=ROOT,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env=env,
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
-    )
-    url = f"http://127.0.0.1:{port}/"
-    deadline = time.monotonic() + 180
-    try:
-        while True:
-            if server.poll() is not None:
-                pytest.fail(f"app.py exited with {server.returncode}:\n{(tmp / 'app.log').read_text()}")
-            try:
-                with urllib.request.urlopen(url, timeout=5) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                if time.monotonic() > deadline:
-                    pytest.fail(f"app.py did not start serving:\n{(tmp / 'app.log').read_text()}")
-                time.sleep(0.5)
-        yield url
-        # Ctrl-C, as a user quits it: the app must shut down cleanly (MLX can abort at exit otherwise).
-        server.send_signal(signal.SIGINT)
-        try:
-            server.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            server.send_signal(signal.SIGABRT)
-            server.wait(timeout=30)
-            pytest.fail(f"app.py did not quit within 60 s of Ctrl-C:\n{(tmp / 'app.log').read_text()}")
-        assert server.returncode == 0, (tmp / "app.log").read_text()
-    finally:
-        if server.poll() is None:
-            server.kill()
-        log.close()
+    """``python app.py --port N`` with the bundled demo model; Ctrl-C at the end must quit it cleanly (exit 130)."""
+    with running_app(tmp_path_factory.mktemp("app")) as app:
+        yield app.url
 
 
 @pytest.fixture(scope="module")

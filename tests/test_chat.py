@@ -341,6 +341,21 @@ def test_app_stop_ends_the_answer_and_keeps_it(app, images):
     assert tab.session.messages[-1] == {"role": "assistant", "content": history[-1]["content"]}
 
 
+def test_app_answers_api_calls_without_history_and_stops_them_when_closing(app, images):
+    settings = (0.0, 1.0, 5, 1.0, "", app.default_max_size)
+    text, stats = list(app.answer("What is it?", *settings, image=str(images["wide"])))[-1]
+    # Each call starts afresh: the same answer to the same question, with the whole prompt processed.
+    again, stats_again = list(app.answer("What is it?", *settings, image=str(images["wide"])))[-1]
+    assert again == text and stats_again["prompt_tokens"] == stats["prompt_tokens"]
+    assert stats["image_tokens"] > 0 and stats["generation_tokens"] == 5 and stats["finish_reason"] == "length"
+
+    stream = app.answer("Tell me a long story.", 0.0, 1.0, 2000, 1.0, "", app.default_max_size)
+    updates = [next(stream)]
+    app.closing.set()  # as at Ctrl-C
+    text, stats = (updates + list(stream))[-1]
+    assert stats["generation_tokens"] < 2000 and stats["finish_reason"] is None
+
+
 def test_stopping_closes_the_turn_after_the_current_token():
     from concurrent.futures import ThreadPoolExecutor
 
