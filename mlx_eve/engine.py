@@ -14,7 +14,7 @@ import hashlib
 import queue
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import mlx.core as mx
@@ -45,6 +45,7 @@ class SamplingParams:
     repetition_context_size: int = 20
     stop: Sequence[str] = ()  # strings that end the answer (not included in it)
     top_logprobs: Optional[int] = None  # None: no log-probabilities; n: the chosen token's and the n best
+    seed: Optional[int] = None  # reseeds the engine's (shared) random state when the request starts
 
 
 @dataclass
@@ -79,6 +80,8 @@ class Stream:
     def __iter__(self) -> Iterator[Event]:
         while True:
             item = self._request.events.get()
+            if item is _CANCELLED:
+                return
             if isinstance(item, BaseException):
                 raise item
             yield item
@@ -86,7 +89,11 @@ class Stream:
                 return
 
     def cancel(self) -> None:
+        """Stop the request; iterating the stream ends (after the events already delivered)."""
         self._engine._cancel(self._request)
+
+
+_CANCELLED = object()
 
 
 @dataclass
@@ -154,6 +161,8 @@ class Engine:
         if params.max_tokens < 1:
             raise ValueError(f"max_tokens must be at least 1, not {params.max_tokens}.")
         inputs = self.processor(prompt, images, system_prompt, max_size)
+        room = self.processor.context_length - inputs.input_ids.size  # at least 1: the processor checked
+        params = replace(params, max_tokens=min(params.max_tokens, room))
         request = _Request(inputs, params, _cache_key(inputs))
         with self._lock:
             if self._closed:
@@ -173,6 +182,7 @@ class Engine:
 
     def _cancel(self, request: _Request) -> None:
         request.cancelled = True
+        request.events.put(_CANCELLED)
         self._cancelled.put(request)
 
     # Everything below runs on the engine thread.
@@ -194,13 +204,19 @@ class Engine:
                 while self._serve(generator, running):
                     pass
         finally:
-            for request in running.values():
-                request.events.put(EVEError("The engine was shut down before the answer was complete."))
+            unfinished = list(running.values())
+            while not self._inbox.empty():
+                unfinished.append(self._inbox.get())
+            for request in unfinished:
+                if request is not None:
+                    request.events.put(EVEError("The engine was shut down before the answer was complete."))
             generator.close()
             mx.clear_streams()
 
     def _serve(self, generator: BatchGenerator, running: Dict[int, "_Request"]) -> bool:
         """One round: admit waiting requests while there is room, then one decode step. False once closed."""
+        if self._closed:
+            return False
         while len(running) < self.max_batch_size:
             try:
                 request = self._inbox.get(block=not running)
@@ -234,6 +250,8 @@ class Engine:
             request.events.put(error)
             return
         params, ids = request.params, request.inputs.input_ids.tolist()
+        if params.seed is not None:
+            mx.random.seed(params.seed)
         text_ids = [t for t in ids[:-1] if t != IMAGE_TOKEN_ID]  # penalties see the text, as in generate.py
         (request.uid,) = generator.insert(
             [[ids[-1]]],

@@ -93,11 +93,11 @@ def test_unreachable_hub_is_a_clear_error(tmp_path):
     assert "Hugging Face Hub could not provide it" in result.stderr
 
 
-COMMANDS = ["generate", "convert", "lora", "fuse"]
+COMMANDS = ["generate", "convert", "lora", "fuse", "app", "server"]
 
 
 def test_help_and_argument_errors_need_no_mlx_lm():
-    """Parsing runs before mlx-lm (and transformers, several seconds to import) is loaded."""
+    """Parsing runs before mlx-lm (and transformers), Gradio or FastAPI are loaded: seconds to import."""
     code = (
         "import importlib, sys\n"
         "command = importlib.import_module('mlx_eve.{name}')\n"
@@ -106,7 +106,8 @@ def test_help_and_argument_errors_need_no_mlx_lm():
         "        command.main(argv)\n"
         "    except SystemExit as e:\n"
         "        assert e.code in (0, 2), e.code\n"
-        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('mlx_lm', 'transformers', 'torch')))\n"
+        "heavy = ('mlx_lm', 'transformers', 'torch', 'gradio', 'fastapi')\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in heavy))\n"
     )
     for name in COMMANDS:
         result = run("-c", code.format(name=name))

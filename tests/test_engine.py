@@ -99,6 +99,7 @@ def test_a_cancelled_request_frees_its_place_at_once(model):
         long = engine.submit("Describe the image.", [RED], SamplingParams(max_tokens=100000))
         next(iter(long))
         long.cancel()
+        assert len(list(long)) < 100000  # reading a cancelled stream ends
         tic = time.perf_counter()
         events = list(engine.submit("Hello", None, SamplingParams(max_tokens=4)))
         assert events[-1].usage.completion_tokens == 4 and time.perf_counter() - tic < 30
@@ -115,3 +116,42 @@ def test_bad_requests_fail_at_submit_and_a_full_queue_says_so(model):
             engine.submit("Hello")
     finally:
         engine.close()
+
+
+def test_a_seed_makes_sampling_repeatable(engine):
+    def sample(seed):
+        params = SamplingParams(max_tokens=12, temperature=1.5, seed=seed)
+        return [e.token for e in engine.submit("Describe the image.", [RED], params)]
+
+    assert sample(3) == sample(3)
+    assert sample(3) != sample(4)
+
+
+def test_max_tokens_is_cut_to_the_room_left_in_the_context(checkpoints):
+    import tiny_checkpoints
+
+    from mlx_eve import load
+
+    path = checkpoints(
+        "v2-short-context", "v2", max_position_embeddings=128, preprocessor=tiny_checkpoints.v2_preprocessor(224)
+    )
+    model, processor = load(str(path))
+    engine = Engine(model, processor)
+    try:
+        events = list(engine.submit("Hi", None, SamplingParams(max_tokens=10**9)))
+    finally:
+        engine.close()
+    usage = events[-1].usage
+    room = 128 - usage.prompt_tokens
+    assert usage.completion_tokens <= room and (events[-1].finish_reason == "stop" or usage.completion_tokens == room)
+
+
+def test_closing_ends_every_stream(model):
+    engine = Engine(*model, max_batch_size=1)
+    running = engine.submit("Describe the image.", [RED], SamplingParams(max_tokens=100000))
+    waiting = engine.submit("Hello", None, SamplingParams(max_tokens=100000))
+    next(iter(running))
+    engine.close()
+    for stream in (running, waiting):
+        with pytest.raises(Exception, match="shut down"):
+            list(stream)
