@@ -121,17 +121,29 @@ def run(args: argparse.Namespace) -> None:
     from .generation import generate_from_inputs
     from .loading import load
 
-    if args.seed is not None:
-        mx.random.seed(args.seed)
+    # Under `mlx.launch` every process runs this, with its part of the model; rank 0 shows the answer.
+    group = mx.distributed.init()
+
+    def show(*values, **kwargs) -> None:
+        if group.rank() == 0:
+            print(*values, **kwargs)
+
     prompt = read_prompt(args.prompt, bool(args.image))
     model_path = args.model or str(BUNDLED_MODEL)
-    model, processor = load(model_path, adapter_path=args.adapter_path, max_size=args.max_size)
+    model, processor = load(model_path, adapter_path=args.adapter_path, max_size=args.max_size, group=group)
+    # Seeded after loading, which draws random numbers only when sharding. All ranks must sample alike:
+    # without --seed they take rank 0's.
+    if args.seed is not None:
+        mx.random.seed(args.seed)
+    elif group.size() > 1:
+        seed = mx.random.randint(0, 2**31 - 1, ()) if group.rank() == 0 else mx.array(0)
+        mx.random.seed(mx.distributed.all_sum(seed, group=group, stream=mx.cpu).item())
     inputs = processor(prompt, args.image, args.system_prompt)
     if args.verbose:
-        print(f"Prompt template {processor.template.name}:\n{inputs.prompt}")
+        show(f"Prompt template {processor.template.name}:\n{inputs.prompt}")
         for path, pixels in zip(args.image, inputs.pixel_values):
-            print(f"Image {path}: resized to {pixels.shape[1]}x{pixels.shape[0]}")
-        print("=" * 10)
+            show(f"Image {path}: resized to {pixels.shape[1]}x{pixels.shape[0]}")
+        show("=" * 10)
     response = None
     for response in generate_from_inputs(
         model,
@@ -150,15 +162,15 @@ def run(args: argparse.Namespace) -> None:
         quantized_kv_start=args.quantized_kv_start,
         prefill_step_size=args.prefill_step_size,
     ):
-        print(response.text, end="", flush=True)
-    print()
-    print("=" * 10)
-    print(
+        show(response.text, end="", flush=True)
+    show()
+    show("=" * 10)
+    show(
         f"Prompt: {response.prompt_tokens} tokens ({response.image_tokens} image tokens), "
         f"{response.prompt_tps:.3f} tokens-per-sec"
     )
-    print(f"Generation: {response.generation_tokens} tokens, {response.generation_tps:.3f} tokens-per-sec")
-    print(f"Peak memory: {response.peak_memory:.3f} GB")
+    show(f"Generation: {response.generation_tokens} tokens, {response.generation_tps:.3f} tokens-per-sec")
+    show(f"Peak memory: {response.peak_memory:.3f} GB")
 
 
 if __name__ == "__main__":

@@ -18,8 +18,9 @@ from .errors import CheckpointError, MissingDependencyError, ModelNotFoundError
 from .families import family_of
 from .fields import field_problems
 from .image_processing import ImageProcessor
-from .models.base import EVEModel
+from .models.base import EVEModel, ShardingError
 from .processor import Processor
+from .sharding import take_parts
 
 HUB_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 NON_WEIGHT_FILES = ["*.json", "tokenizer.model", "*.tiktoken", "*.txt", "*.jinja", "*.md"]
@@ -38,6 +39,7 @@ def load(
     lazy: bool = False,
     revision: Optional[str] = None,
     dtype: Optional[mx.Dtype] = None,
+    group: Optional[mx.distributed.Group] = None,
 ) -> Tuple[EVEModel, Processor]:
     """Load an EVEv1 or EVEv2 model and its processor.
 
@@ -48,6 +50,9 @@ def load(
         lazy: leave the weights unevaluated until first use.
         dtype: cast the floating-point weights (quantization scales included) to this type. By default they
             keep the checkpoint's, except on the CPU, where 16-bit weights become float32 (see ``cpu.compute_dtype``).
+        group: a distributed group (``mx.distributed.init()``) of more than one process to split the decoder over
+            (tensor parallelism, see ``EVEModel.shard``). Every rank calls ``load``; each reads only its part of
+            the split weights from ``.safetensors`` files (``.bin`` files are read whole, then split).
     """
     hint_openblas()
     model_path = get_model_path(path_or_repo, revision)
@@ -55,6 +60,12 @@ def load(
     weights = model.sanitize(read_weights(model_path))
     quantization.apply(model, quantization.of_checkpoint(model, config, weights))
     check_weights(model, weights, model_path)
+    sharded = group is not None and group.size() > 1
+    if sharded:
+        if adapter_path is not None:
+            raise ShardingError("Adapters cannot be split over processes: fuse them first (mlx_eve.fuse).")
+        model.shard(group)
+        weights = take_parts(model, weights, weight_files(model_path), group)
     model.load_weights(list(weights.items()))
     dtype = dtype or compute_dtype(model)
     if dtype is not None:
@@ -64,6 +75,8 @@ def load(
     if not lazy:
         mx.eval(model.parameters())
         warn_if_not_finite(model, model_path)
+    if sharded:  # as mlx-lm's sharded_load: wait for the slowest rank here, not in the first collective
+        mx.eval(mx.distributed.all_sum(mx.array(1.0), stream=mx.cpu, group=group))
     model.eval()
     template = family_of(config["model_type"]).template
     processor = Processor.from_pretrained(model_path, config, image_processor, template)

@@ -5,7 +5,10 @@ from typing import Dict, List, Optional
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-from mlx.utils import tree_flatten
+from mlx.nn.layers.distributed import shard_linear
+from mlx.utils import tree_flatten, tree_unflatten
+
+from ..errors import EVEError
 
 # The reference marks an image position with -200 (EVEv*/eve/constants.py). Our processor repeats it once
 # per image embedding, so token count == embedding count and the decoder can tell image rows from text rows.
@@ -13,6 +16,22 @@ IMAGE_TOKEN_ID = -200
 
 # Weights the reference only builds for training (CLIP teacher, patch aligning layer) or recomputes (RoPE).
 TRAINING_ONLY_PREFIXES = ("model.vision_clip.", "model.vision_tower_compressor.")
+
+# Tensor parallelism as mlx-lm's LLaMA/Qwen2: q/k/v and gate/up split their outputs (heads, MLP features)
+# among the ranks; o and down take the split inputs and sum their outputs over the group.
+SHARDING = {
+    "q_proj": "all-to-sharded",
+    "k_proj": "all-to-sharded",
+    "v_proj": "all-to-sharded",
+    "gate_proj": "all-to-sharded",
+    "up_proj": "all-to-sharded",
+    "o_proj": "sharded-to-all",
+    "down_proj": "sharded-to-all",
+}
+
+
+class ShardingError(EVEError, ValueError):
+    """A model that cannot be split over the processes of a distributed group."""
 
 
 def image_spans(input_ids: mx.array) -> List[tuple]:
@@ -127,6 +146,37 @@ class EVEModel(nn.Module):
     def sanitize(self, weights: Dict[str, mx.array]) -> Dict[str, mx.array]:
         return sanitize_weights(self, weights)
 
+    def shard(self, group: Optional[mx.distributed.Group] = None) -> None:
+        """Split every decoder linear (EVEv2: of both branches) over ``group``, as mlx-lm shards LLaMA and Qwen2;
+        each rank keeps its share of the attention heads. The embedding, the norms, the LM head and the patch
+        embedding stay whole on every rank. EVEv2's routing picks rows (tokens) and sharding splits features,
+        so each branch's layers shard alike."""
+        group = group or mx.distributed.init()
+        N = group.size()
+        heads, kv_heads = self.args.num_attention_heads, self.args.num_key_value_heads
+        if heads % N or kv_heads % N:
+            raise ShardingError(
+                f"{self.model_type} has {heads} attention heads and {kv_heads} key/value heads: both must be "
+                f"multiples of the number of processes ({N})."
+            )
+        for layer in self.layers:
+            try:
+                sharded = [
+                    (path, shard_linear(module, SHARDING[_projection(path)], group=group))
+                    for path, module in layer.named_modules()
+                    if _projection(path) in SHARDING
+                ]
+            except ValueError as e:  # a width that does not split into whole parts, or whole quantization groups
+                raise ShardingError(f"{self.model_type} cannot be split over {N} processes: {e}") from e
+            layer.update_modules(tree_unflatten(sharded))
+            layer.self_attn.n_heads //= N
+            layer.self_attn.n_kv_heads //= N
+
     @property
     def layers(self):
         return self.model.layers
+
+
+def _projection(path: str) -> str:
+    """``self_attn.moe_q_proj`` → ``q_proj``: a layer's name, the same in EVEv2's visual copy."""
+    return path.rsplit(".", 1)[-1].removeprefix("moe_")
