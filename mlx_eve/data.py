@@ -12,7 +12,6 @@ Image paths are relative to the data file (or ``image_folder``). Every problem i
 and reported with its file and line before any training starts.
 """
 
-import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,18 +20,14 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 from mlx_lm.utils import common_prefix_len
 
-from .errors import EVEError, ImageError
+from .errors import ImageError
 from .image import load_image
 from .processor import Processor
 from .prompts import IMAGE_PLACEHOLDER, place_images
+from .records import DataError, parse_record, raise_problems, read_records
 from .tokenization import tokenize_with_images
 
-ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 SPLITS = ("train", "valid", "test")
-
-
-class DataError(EVEError, ValueError):
-    pass
 
 
 @dataclass
@@ -77,94 +72,20 @@ def load_splits(
             f"[WARNING] {len(outside)} image path(s) lead outside the data folder, used as given: {shown}{more}",
             file=sys.stderr,
         )
-    if problems:
-        shown = "\n".join(f"  {p}" for p in problems[:50])
-        more = f"\n  ... and {len(problems) - 50} more" if len(problems) > 50 else ""
-        raise DataError(f"{len(problems)} problem(s) in the data; nothing was trained:\n{shown}{more}")
+    raise_problems(problems, "nothing was trained")
     return splits
-
-
-def _records(file: Path, problems: List[str]):
-    """(where, record) pairs: one per non-empty line of a .jsonl, one per element of a .json list."""
-    raw = file.read_bytes()
-    if file.suffix == ".json":
-        try:
-            records = json.loads(raw.decode("utf-8"))
-        except UnicodeDecodeError as e:
-            line = raw[: e.start].count(b"\n") + 1
-            problems.append(f"{file}:{line}: not UTF-8 text ({e.reason})")
-            return
-        except json.JSONDecodeError as e:
-            problems.append(f"{file}:{e.lineno}: invalid JSON ({e.msg})")
-            return
-        if not isinstance(records, list):
-            problems.append(f"{file}: expected a JSON list of records")
-            return
-        yield from ((f"{file}: record {i}", r) for i, r in enumerate(records, 1))
-        return
-    for number, line in enumerate(raw.splitlines(), 1):
-        if line.strip():
-            try:
-                yield f"{file}:{number}", json.loads(line.decode("utf-8"))
-            except UnicodeDecodeError as e:
-                problems.append(f"{file}:{number}: not UTF-8 text ({e.reason})")
-            except json.JSONDecodeError as e:
-                problems.append(f"{file}:{number}: invalid JSON ({e.msg})")
 
 
 def _load_file(
     file: Path, processor: Processor, max_seq_length: int, image_folder: Path, problems: List[str]
 ) -> List[Sample]:
     samples = []
-    for where, record in _records(file, problems):
+    for where, record in read_records(file, problems):
         try:
             samples.append(encode_record(record, where, processor, max_seq_length, image_folder))
         except (DataError, ImageError, ValueError) as e:
             problems.append(f"{where}: {e}")
     return samples
-
-
-def parse_record(record, image_folder: Path) -> Tuple[List[Dict[str, str]], Optional[str], List[Path]]:
-    """(messages, system prompt, image paths) from a LLaVA or mlx-vlm record."""
-    if not isinstance(record, dict):
-        raise DataError("a record must be a JSON object")
-    if "conversations" in record:
-        turns = [(t.get("from"), t.get("value")) for t in record["conversations"] if isinstance(t, dict)]
-    elif "messages" in record:
-        turns = [(m.get("role"), _text(m.get("content"))) for m in record["messages"] if isinstance(m, dict)]
-    else:
-        raise DataError('no "conversations" (LLaVA) or "messages" (mlx-vlm) list')
-    images = record.get("images", record.get("image")) or []
-    images = [images] if isinstance(images, str) else images
-    if not all(isinstance(i, str) for i in images):
-        raise DataError("image paths must be strings")
-    system, messages = None, []
-    for role, content in turns:
-        if ROLES.get(role) is None or not isinstance(content, str):
-            raise DataError(
-                f"a turn has role {role!r} and content {type(content).__name__}; expected text turns of {sorted(ROLES)}"
-            )
-        if ROLES[role] == "system":
-            system = content
-        else:
-            messages.append({"role": ROLES[role], "content": content})
-    if not any(m["role"] == "assistant" for m in messages):
-        raise DataError("no assistant turn: nothing to learn from")
-    if messages[-1]["role"] != "assistant":
-        raise DataError("the conversation ends with an unanswered user turn")
-    return messages, system, [image_folder / i for i in images]
-
-
-def _text(content) -> Optional[str]:
-    """mlx-vlm content: a string, or parts like [{"type": "image"}, {"type": "text", "text": "Q"}]."""
-    if isinstance(content, list):
-        parts = [
-            IMAGE_PLACEHOLDER + "\n" if p.get("type") == "image" else p.get("text", "")
-            for p in content
-            if isinstance(p, dict)
-        ]
-        return "".join(parts)
-    return content
 
 
 def encode_record(record, where: str, processor: Processor, max_seq_length: int, image_folder: Path) -> Sample:

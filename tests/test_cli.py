@@ -93,7 +93,7 @@ def test_unreachable_hub_is_a_clear_error(tmp_path):
     assert "Hugging Face Hub could not provide it" in result.stderr
 
 
-COMMANDS = ["generate", "convert", "lora", "fuse", "app", "server"]
+COMMANDS = ["generate", "convert", "lora", "fuse", "app", "server", "caption", "evaluate"]
 
 
 def test_help_and_argument_errors_need_no_mlx_lm():

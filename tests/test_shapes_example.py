@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from mlx_eve import answering
+
 SHAPES_DIR = Path(__file__).resolve().parent.parent / "examples" / "shapes"
 VOCABULARY = {
     "colour": {"red", "green", "blue", "yellow", "purple"},
@@ -202,16 +204,20 @@ def test_default_tasks_and_mlx_vlm_format(tmp_path):
             assert shapes_eval.messages_of(a) == shapes_eval.messages_of(b) == b["messages"]
 
 
-def _stub_generate(monkeypatch, reply):
+def _stub_answers(monkeypatch, reply):
     calls = []
 
-    def fake_generate(model, processor, prompt, image=None, **kwargs):
-        assert kwargs == {"max_tokens": 8, "temp": 0.0} and Path(image).is_file()
-        assert [m["role"] for m in prompt] == ["user", "assistant"] * (len(prompt) // 2) + ["user"]
-        calls.append(prompt)
-        return reply(prompt, image)
+    def fake_answer_in_order(model, processor, requests, params, **kwargs):
+        assert params.max_tokens == 8 and params.temperature == 0.0
+        for request in requests:
+            (image,) = request.images
+            assert Path(image).is_file()
+            prompt = request.prompt
+            assert [m["role"] for m in prompt] == ["user", "assistant"] * (len(prompt) // 2) + ["user"]
+            calls.append(prompt)
+            yield answering.Answer(reply(prompt, image), usage=None)
 
-    monkeypatch.setattr(shapes_eval, "generate", fake_generate)
+    monkeypatch.setattr(answering, "answer_in_order", fake_answer_in_order)
     return calls
 
 
@@ -224,7 +230,7 @@ def test_evaluate_scores_a_perfect_model_at_100_percent(dataset, monkeypatch):
         assert prompt == history
         return f" {answer['content'].title()}.\n"
 
-    calls = _stub_generate(monkeypatch, perfect)
+    calls = _stub_answers(monkeypatch, perfect)
     result = shapes_eval.evaluate(None, None, samples, dataset)
     assert result["accuracy"] == 1.0 and result["wrong"] == []
     assert result["by_type"] == {kind: 1.0 for kind in sorted(VOCABULARY)}
@@ -235,7 +241,7 @@ def test_evaluate_scores_a_perfect_model_at_100_percent(dataset, monkeypatch):
 
 def test_evaluate_scores_a_model_that_always_says_red(dataset, monkeypatch):
     samples = shapes_eval.load_samples(dataset / "test.jsonl")
-    _stub_generate(monkeypatch, lambda prompt, image: "Red")
+    _stub_answers(monkeypatch, lambda prompt, image: "Red")
     result = shapes_eval.evaluate(None, None, samples, dataset)
     red = Counter(s["question_type"] for s in samples if s["conversations"][-1]["value"] == "red")
     total = Counter(s["question_type"] for s in samples)
