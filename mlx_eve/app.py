@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Callable, Dict, Iterator, List, Optional, Tupl
 
 import mlx.core as mx
 
-from .arguments import COUNT, ArgumentParser, number
+from .arguments import COUNT, PORT, ArgumentParser
 from .demo import BUNDLED_MODEL, EXAMPLE_IMAGES
 from .errors import EVEError, ImageError, MissingDependencyError, run_cli
 from .families import family_of
@@ -459,7 +459,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--host", default="127.0.0.1", help="Address to serve on (default 127.0.0.1: this computer only).")
     add(
         "--port",
-        type=number(int, "a port number (1-65535)", lambda v: 1 <= v <= 65535),
+        type=PORT,
         default=None,
         help="Port (default: 7860, or the next free one).",
     )

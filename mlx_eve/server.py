@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable, Dict, List, Optional, Tuple, Union
 
-from .arguments import COUNT, NON_NEGATIVE_INT, POSITIVE, ArgumentParser, number
+from .arguments import COUNT, NON_NEGATIVE_INT, PORT, POSITIVE, ArgumentParser
 from .demo import BUNDLED_MODEL
 from .errors import EVEError, ImageError, MissingDependencyError, PromptTooLongError, run_cli
 from .prompts import IMAGE_PLACEHOLDER
@@ -564,7 +564,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--host", default="127.0.0.1", help="Address to listen on (default 127.0.0.1: this computer only).")
     add(
         "--port",
-        type=number(int, "a port number (1-65535)", lambda v: 1 <= v <= 65535),
+        type=PORT,
         default=8080,
         help="Port to listen on (default 8080).",
     )
