@@ -637,7 +637,7 @@ def serve(args: argparse.Namespace) -> None:
         from uvicorn.logging import DefaultFormatter
     except ImportError as e:
         raise MissingDependencyError(INSTALL_HINT) from e
-    from .engine import Engine
+    from .engine import Engine, SamplingParams
     from .loading import load
 
     # Before loading: a port in use is known at once.
@@ -673,6 +673,9 @@ def serve(args: argparse.Namespace) -> None:
             prompt_cache_bytes=args.prompt_cache_bytes,
         )
         try:
+            # One token before serving: the first answer would otherwise pay for the lazy start of the tokenizer
+            # and the compute backend, and a Ctrl-C during that start was seen to be lost.
+            list(engine.submit("Hi", params=SamplingParams(max_tokens=1)))
             app = create_app(engine, processor, settings)
             config = uvicorn.Config(app, host=args.host, port=args.port, timeout_graceful_shutdown=SHUTDOWN_GRACE_S)
             host = f"[{args.host}]" if ":" in args.host else args.host

@@ -452,11 +452,8 @@ def test_ctrl_c_ends_the_answers_in_progress_and_stops(v2_path, tmp_path):
         body = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 20000, "stream": True}
         connection.request("POST", "/v1/chat/completions", json.dumps(body))
         response = connection.getresponse()
-        for _ in range(5):  # well into the answer
-            assert response.readline().startswith(b"data: ") and response.readline() == b"\n"
-        # A Ctrl-C in the first ~100 ms of a freshly started server's first answer is sometimes lost (a second
-        # one works); not understood yet, and nothing a person at the terminal meets.
-        time.sleep(0.5)
+        # At once: a Ctrl-C during the lazy start of the first answer used to be lost (the server now warms up).
+        assert response.readline().startswith(b"data: ")
         # The client goes on reading, as clients do, so the server is never held up by a full socket.
         rest = []
         reader = threading.Thread(target=lambda: rest.append(response.read().decode()), daemon=True)
