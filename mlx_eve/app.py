@@ -22,8 +22,8 @@ from typing import TYPE_CHECKING, Callable, Dict, Iterator, List, Optional, Tupl
 
 import mlx.core as mx
 
-from .arguments import COUNT, PORT, ArgumentParser
-from .demo import BUNDLED_MODEL, EXAMPLE_IMAGES
+from .arguments import PORT, ArgumentParser, add_model_options
+from .demo import EXAMPLE_IMAGES
 from .errors import EVEError, ImageError, MissingDependencyError, run_cli
 from .families import family_of
 from .generate import DESCRIBE
@@ -454,8 +454,7 @@ def theme() -> "gr.themes.Base":
 def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(description="Chat with an EVE model about images, in your browser.")
     add = p.add_argument
-    add("--model", default=None, help=f"Model folder or Hugging Face repo (default: the bundled {BUNDLED_MODEL.name}).")
-    add("--adapter-path", default=None, help="Folder with LoRA adapters to apply.")
+    add_model_options(p, resolution="Default EVEv2 image resolution")
     add("--host", default="127.0.0.1", help="Address to serve on (default 127.0.0.1: this computer only).")
     add(
         "--port",
@@ -463,7 +462,6 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="Port (default: 7860, or the next free one).",
     )
-    add("--max-size", type=COUNT, default=None, help="Default EVEv2 image resolution (default: the model's).")
     add("--open", action="store_true", help="Open the page in your web browser.")
     add(
         "--share",
@@ -487,7 +485,7 @@ def serve(args: argparse.Namespace) -> None:
         raise MissingDependencyError(INSTALL_HINT) from e
     from .loading import load  # mlx-lm: imported once the arguments are known to be good
 
-    model_path = args.model or str(BUNDLED_MODEL)
+    model_path = args.model
     print(f"Loading {model_path} …", flush=True)
     start = time.perf_counter()
     model, processor = load(model_path, adapter_path=args.adapter_path, max_size=args.max_size)

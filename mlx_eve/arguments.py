@@ -6,6 +6,8 @@ import math
 from pathlib import Path
 from typing import Callable, NoReturn
 
+from .demo import BUNDLED_MODEL
+
 
 class ArgumentParser(argparse.ArgumentParser):
     """``argparse.ArgumentParser`` whose errors are one ``error:`` line (exit code 2), without the usage."""
@@ -57,3 +59,16 @@ PORT = number(int, "a port number (1-65535)", lambda v: 1 <= v <= 65535)
 FILE = existing("file", Path.is_file)
 FOLDER = existing("folder", Path.is_dir)
 FILE_OR_FOLDER = existing("file or folder", Path.exists)
+
+
+def add_model_options(parser: argparse.ArgumentParser, resolution: str = "EVEv2 image resolution") -> None:
+    """``--model`` (the bundled demo model by default), ``--adapter-path`` and ``--max-size`` (``resolution``
+    names it in the help): what every command that loads a model to answer questions takes."""
+    add = parser.add_argument
+    add(
+        "--model",
+        default=str(BUNDLED_MODEL),
+        help=f"Model folder or Hugging Face repo (default: the bundled {BUNDLED_MODEL.name}).",
+    )
+    add("--adapter-path", type=FOLDER, default=None, help="Folder with LoRA adapters to apply.")
+    add("--max-size", type=COUNT, default=None, help=f"{resolution} (default: the model's).")

@@ -18,8 +18,7 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
-from .arguments import COUNT, FOLDER, NON_NEGATIVE, ArgumentParser
-from .demo import BUNDLED_MODEL
+from .arguments import COUNT, NON_NEGATIVE, ArgumentParser, add_model_options
 from .errors import EVEError, run_cli
 from .generate import read_prompt
 
@@ -125,7 +124,7 @@ def _complete_end(raw: bytes, format: str) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(description="Ask an EVE model the same question about many images; one line per image.")
     add = p.add_argument
-    add("--model", default=None, help=f"Model folder or Hugging Face repo (default: {BUNDLED_MODEL.name}).")
+    add_model_options(p)
     add("--images", nargs="+", required=True, help="Image files, folders (searched recursively) or glob patterns.")
     add("--prompt", "-p", default=None, help="The question ('-' reads stdin; default: 'Describe the image.').")
     add("--system-prompt", default=None, help="Replace the template's system prompt.")
@@ -135,8 +134,6 @@ def build_parser() -> argparse.ArgumentParser:
     add("--batch-size", type=COUNT, default=8, help="Images answered together (default %(default)s).")
     add("--max-tokens", "-m", type=COUNT, default=256, help="Maximum answer length (default %(default)s).")
     add("--temp", "--temperature", dest="temp", type=NON_NEGATIVE, default=0.0, help="Sampling temperature.")
-    add("--max-size", type=COUNT, default=None, help="EVEv2 image resolution (default: the model's).")
-    add("--adapter-path", type=FOLDER, default=None, help="Folder with LoRA adapters to apply.")
     return p
 
 
@@ -169,7 +166,7 @@ def caption(args: argparse.Namespace, prompt: str, images: List[Path], output: O
     from .engine import SamplingParams
     from .loading import load
 
-    model, processor = load(args.model or str(BUNDLED_MODEL), adapter_path=args.adapter_path, max_size=args.max_size)
+    model, processor = load(args.model, adapter_path=args.adapter_path, max_size=args.max_size)
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temp)
     requests = (Request(prompt, [path], args.system_prompt) for path in images)
     answers = answer_in_order(model, processor, requests, params, batch_size=args.batch_size)

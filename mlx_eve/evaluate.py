@@ -22,8 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
-from .arguments import COUNT, FILE_OR_FOLDER, FOLDER, ArgumentParser
-from .demo import BUNDLED_MODEL
+from .arguments import COUNT, FILE_OR_FOLDER, FOLDER, ArgumentParser, add_model_options
 from .errors import EVEError, run_cli
 from .prompts import IMAGE_PLACEHOLDER
 from .records import DataError, parse_record, raise_problems, read_records, record_images
@@ -181,7 +180,7 @@ def summary_table(predictions: Sequence[Prediction]) -> str:
 def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(description="Score an EVE model's greedy answers against reference answers.")
     add = p.add_argument
-    add("--model", default=None, help=f"Model folder or Hugging Face repo (default: {BUNDLED_MODEL.name}).")
+    add_model_options(p)
     add(
         "--data",
         type=FILE_OR_FOLDER,
@@ -189,7 +188,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="A .jsonl/.json file, or a folder: its test.jsonl (valid.jsonl if it has no test split).",
     )
     add("--image-folder", type=FOLDER, default=None, help="Where image paths point (default: next to the data).")
-    add("--adapter-path", type=FOLDER, default=None, help="Folder with LoRA adapters to apply.")
     add("--limit", type=COUNT, default=None, help="Score only the first N records.")
     add("--output", "-o", type=Path, default=None, help="Write one JSON line per question (predictions.jsonl).")
     add(
@@ -200,7 +198,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add("--max-tokens", "-m", type=COUNT, default=32, help="Maximum answer length (default %(default)s).")
     add("--batch-size", type=COUNT, default=8, help="Questions answered together (default %(default)s).")
-    add("--max-size", type=COUNT, default=None, help="EVEv2 image resolution (default: the model's).")
     return p
 
 
@@ -220,7 +217,7 @@ def run(args: argparse.Namespace) -> None:
     if args.output is not None and not args.output.parent.is_dir():
         raise EVEError(f"No such folder for --output: {args.output.parent}")
     print(f"Scoring {len(questions)} questions from {file}")
-    model, processor = load(args.model or str(BUNDLED_MODEL), adapter_path=args.adapter_path, max_size=args.max_size)
+    model, processor = load(args.model, adapter_path=args.adapter_path, max_size=args.max_size)
     predictions, right, tic = [], 0, time.perf_counter()
     with contextlib.ExitStack() as stack:
         output = stack.enter_context(open(args.output, "w", encoding="utf-8")) if args.output else None

@@ -8,8 +8,16 @@ import argparse
 import sys
 from typing import TYPE_CHECKING, Generator, List, Optional, Sequence, Union
 
-from .arguments import COUNT, NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE, PROBABILITY, ArgumentParser, number
-from .demo import BUNDLED_MODEL
+from .arguments import (
+    COUNT,
+    NON_NEGATIVE,
+    NON_NEGATIVE_INT,
+    POSITIVE,
+    PROBABILITY,
+    ArgumentParser,
+    add_model_options,
+    number,
+)
 from .errors import PromptError, run_cli
 from .image import ImageInput
 from .prompts import Prompt
@@ -63,7 +71,7 @@ def generate(
 def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(description="Ask an EVE model about one or more images, streaming the answer.")
     add = p.add_argument
-    add("--model", default=None, help=f"Model folder or Hugging Face repo (default: {BUNDLED_MODEL.name}).")
+    add_model_options(p)
     add("--image", nargs="+", default=[], help="Image paths or URLs, in the order of <image> in the prompt.")
     add("--prompt", "-p", default=None, help=f"The question ('-' reads stdin; with images: {DESCRIBE!r}).")
     add("--system-prompt", default=None, help="Replace the template's system prompt.")
@@ -80,8 +88,6 @@ def build_parser() -> argparse.ArgumentParser:
     add("--repetition-penalty", type=POSITIVE, default=None, help="Penalty for repeated tokens (>1).")
     add("--repetition-context-size", type=COUNT, default=20, help="Tokens the penalty looks back at.")
     add("--seed", type=NON_NEGATIVE_INT, default=None, help="Random seed for sampling.")
-    add("--max-size", type=COUNT, default=None, help="EVEv2 image resolution (default: the model's).")
-    add("--adapter-path", default=None, help="Folder with LoRA adapters to apply.")
     add("--max-kv-size", type=COUNT, default=None, help="Keep at most this many tokens in the KV cache.")
     add(
         "--kv-bits", type=int, choices=[2, 3, 4, 5, 6, 8], default=None, help="Quantize the KV cache to this many bits."
@@ -129,7 +135,7 @@ def run(args: argparse.Namespace) -> None:
             print(*values, **kwargs)
 
     prompt = read_prompt(args.prompt, bool(args.image))
-    model_path = args.model or str(BUNDLED_MODEL)
+    model_path = args.model
     model, processor = load(model_path, adapter_path=args.adapter_path, max_size=args.max_size, group=group)
     # Seeded after loading, which draws random numbers only when sharding. All ranks must sample alike:
     # without --seed they take rank 0's.

@@ -26,8 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable, Dict, List, Optional, Tuple, Union
 
-from .arguments import COUNT, NON_NEGATIVE_INT, PORT, POSITIVE, ArgumentParser
-from .demo import BUNDLED_MODEL
+from .arguments import COUNT, NON_NEGATIVE_INT, PORT, POSITIVE, ArgumentParser, add_model_options
 from .errors import EVEError, ImageError, MissingDependencyError, PromptTooLongError, run_cli
 from .prompts import IMAGE_PLACEHOLDER
 
@@ -559,8 +558,7 @@ def create_app(engine: "Engine", processor: "Processor", settings: ServerSetting
 def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(description="Serve an EVE model with an OpenAI-compatible API (chat completions with images).")
     add = p.add_argument
-    add("--model", default=None, help=f"Model folder or Hugging Face repo (default: the bundled {BUNDLED_MODEL.name}).")
-    add("--adapter-path", default=None, help="Folder with LoRA adapters to apply.")
+    add_model_options(p)
     add("--host", default="127.0.0.1", help="Address to listen on (default 127.0.0.1: this computer only).")
     add(
         "--port",
@@ -590,7 +588,6 @@ def build_parser() -> argparse.ArgumentParser:
     add("--max-body-bytes", type=COUNT, default=64 * 2**20, help="Largest request body (default 64 MiB; else 413).")
     add("--max-image-bytes", type=COUNT, default=20 * 2**20, help="Largest image file (default 20 MiB).")
     add("--image-timeout", type=POSITIVE, default=30.0, help="Seconds to download an image URL (default 30).")
-    add("--max-size", type=COUNT, default=None, help="EVEv2 image resolution (default: the model's).")
     return p
 
 
@@ -642,7 +639,7 @@ def serve(args: argparse.Namespace) -> None:
 
     # Before loading: a port in use is known at once.
     with listen(args.host, args.port) as sock:
-        model_path = args.model or str(BUNDLED_MODEL)
+        model_path = args.model
         print(f"Loading {model_path} …", flush=True)
         start = time.perf_counter()
         model, processor = load(model_path, adapter_path=args.adapter_path, max_size=args.max_size)
