@@ -8,13 +8,20 @@ by its tokens, with each image's tokens standing for a hash of its pixels: a cha
 conversation reuses the cache instead of reading the image again.
 
 All MLX work happens on the engine's own thread; ``submit`` may be called from any thread.
+
+Under tensor parallelism (``mlx.launch``, the model sharded over a group) every rank must make the same model
+calls, since every layer sums over the group. Only rank 0 takes requests: each round it decides a ``Plan`` (the
+requests that join the batch, those cancelled, or the end) and sends it to the others, which run the same round
+from it: the same prefills, prompt cache, batch and sampling, so the same tokens, with nobody to hand them to.
 """
 
 import hashlib
+import json
+import math
 import queue
 import threading
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import mlx.core as mx
@@ -113,8 +120,20 @@ class _Request:
     detokenizer: Any = None
 
 
+@dataclass
+class Plan:
+    """One round of the engine, as rank 0 decides it and every rank runs it."""
+
+    admitted: List[_Request] = field(default_factory=list)  # requests that join the batch, in this order
+    cancelled: List[int] = field(default_factory=list)  # uids of running requests to drop
+    close: bool = False  # the engine stops
+
+
 # The prompt cache keys entries by model; this engine serves one.
 _MODEL = "model"
+# With several ranks, how long an idle round lasts: rank 0 sends a plan at least this often, and the others sleep
+# between idle rounds rather than wait inside ``all_sum``, which keeps a core busy while it waits.
+_IDLE_ROUND_S = 0.05
 
 
 class Engine:
@@ -122,6 +141,10 @@ class Engine:
 
     ``max_batch_size`` requests decode together; up to ``max_queued`` more wait (``QueueFullError`` beyond).
     Finished requests leave their KV cache in a prompt cache of at most ``prompt_cache_bytes``.
+
+    ``group``: the group ``model`` is sharded over. Every rank makes an engine with the same settings (their KV
+    caches are the same size, so their prompt caches keep and evict alike); rank 0's takes the requests and its
+    ``close`` stops them all, the others run its rounds until then (``join``).
     """
 
     def __init__(
@@ -133,16 +156,20 @@ class Engine:
         max_queued: int = 64,
         prompt_cache_bytes: int = 1 << 30,
         prefill_step_size: int = 2048,
+        group: Optional[mx.distributed.Group] = None,
     ):
         self.model, self.processor = model, processor
         self.max_batch_size, self.max_queued = max_batch_size, max_queued
         self.prefill_step_size = prefill_step_size
         self.prompt_cache = LRUPromptCache(max_size=1 << 20, max_bytes=prompt_cache_bytes)
+        self.group = group if group is not None and group.size() > 1 else None
+        self.leader = self.group is None or self.group.rank() == 0
         self._inbox: "queue.Queue[Optional[_Request]]" = queue.Queue()
         self._cancelled: "queue.Queue[_Request]" = queue.Queue()
         self._lock = threading.Lock()
         self._waiting = 0  # submitted, not yet in the batch
         self._closed = False
+        self._failure: Optional[BaseException] = None
         self._thread = threading.Thread(target=self._run, name="mlx-eve-engine", daemon=True)
         self._thread.start()
 
@@ -157,6 +184,8 @@ class Engine:
     ) -> Stream:
         """Queue a request. The prompt and images are checked here, in the caller's thread: ``PromptError``,
         ``ImageError`` or ``PromptTooLongError`` for a bad request, ``QueueFullError`` when the queue is full."""
+        if not self.leader:
+            raise EVEError("Only rank 0 of the group takes requests.")
         params = params or SamplingParams()
         if params.max_tokens < 1:
             raise ValueError(f"max_tokens must be at least 1, not {params.max_tokens}.")
@@ -174,11 +203,18 @@ class Engine:
         return Stream(self, request)
 
     def close(self) -> None:
-        """Stop the engine thread; requests still running end with an error."""
+        """Stop the engine thread (on every rank); requests still running end with an error."""
         with self._lock:
             self._closed = True
         self._inbox.put(None)
         self._thread.join()
+
+    def join(self) -> None:
+        """Wait until the engine thread ends (on ranks other than 0: until rank 0's engine closes); ``EVEError``
+        if it ended on an error (e.g. rank 0 went away)."""
+        self._thread.join()
+        if self._failure is not None:
+            raise EVEError(f"The engine stopped on an error: {self._failure!r}") from self._failure
 
     def _cancel(self, request: _Request) -> None:
         request.cancelled = True
@@ -201,8 +237,16 @@ class Engine:
         running: Dict[int, _Request] = {}
         try:
             with mx.stream(stream):
+                if self.group is not None:
+                    # Sampling draws the same numbers on every rank from rank 0's seed (a request's is in its plan);
+                    # MLX's random state is per thread: this one's, which samples.
+                    seed = mx.random.randint(0, 2**31 - 1, ()) if self.leader else mx.array(0)
+                    mx.random.seed(mx.distributed.all_sum(seed, group=self.group, stream=mx.cpu).item())
                 while self._serve(generator, running):
                     pass
+        except BaseException as error:
+            self._failure = error
+            raise
         finally:
             unfinished = list(running.values())
             while not self._inbox.empty():
@@ -214,21 +258,18 @@ class Engine:
             mx.clear_streams()
 
     def _serve(self, generator: BatchGenerator, running: Dict[int, "_Request"]) -> bool:
-        """One round: admit waiting requests while there is room, then one decode step. False once closed."""
-        if self._closed:
+        """One round, the same on every rank: the plan (rank 0 decides it, and sends it to the others), its
+        requests join the batch and its cancelled ones leave, then one decode step. False once closed."""
+        plan = self._decide(running) if self.leader else None
+        if self.group is not None:
+            plan = self._broadcast(plan)
+        if plan.close:
             return False
-        while len(running) < self.max_batch_size:
-            try:
-                request = self._inbox.get(block=not running)
-            except queue.Empty:
-                break
-            if request is None:
-                return False
-            with self._lock:
-                self._waiting -= 1
-            if not request.cancelled:
-                self._admit(request, generator, running)
-        self._drop_cancelled(generator, running)
+        for request in plan.admitted:
+            self._admit(request, generator, running)
+        for uid in plan.cancelled:
+            if running.pop(uid, None) is not None:
+                generator.remove([uid])
         if running:
             try:
                 responses = generator.next_generated()
@@ -241,12 +282,56 @@ class Engine:
             for response in responses:
                 if response.uid in running:
                     self._deliver(response, generator, running)
+        elif not self.leader:
+            time.sleep(_IDLE_ROUND_S)  # rank 0 waits as long for a request before it sends the next plan
         return True
+
+    def _decide(self, running: Dict[int, _Request]) -> Plan:
+        """Rank 0's plan: waiting requests join while there is room (waiting for one when none runs), and the
+        running requests cancelled since the last round leave."""
+        if self._closed:
+            return Plan(close=True)
+        admitted: List[_Request] = []
+        idle = _IDLE_ROUND_S if self.group is not None else None
+        while len(running) + len(admitted) < self.max_batch_size:
+            try:
+                request = self._inbox.get(block=not running and not admitted, timeout=idle)
+            except queue.Empty:
+                break
+            if request is None:
+                for request in admitted:  # back in the inbox, whose requests all end with an error when closing
+                    self._inbox.put(request)
+                return Plan(close=True)
+            with self._lock:
+                self._waiting -= 1
+            if not request.cancelled:
+                admitted.append(request)
+        cancelled = []
+        while not self._cancelled.empty():
+            request = self._cancelled.get()
+            if request.uid is not None:
+                cancelled.append(request.uid)
+        # A request cancelled from now on has its uid by the next round; one cancelled until now never starts.
+        return Plan([r for r in admitted if not r.cancelled], cancelled)
+
+    def _broadcast(self, plan: Optional[Plan]) -> Plan:
+        """Rank 0's ``plan`` on every rank (``None`` on the others): its length, then its bytes, each summed
+        with zeros from the other ranks. An empty plan, most rounds' (each costs a step the latency of these
+        sums), is its length alone: 0."""
+        data = encode_plan(plan) if plan is not None and plan != Plan() else b""
+        size = mx.distributed.all_sum(len(data), group=self.group, stream=mx.cpu).item()
+        if size == 0:
+            return Plan()
+        buffer = np.frombuffer(data, np.uint8) if plan is not None else np.zeros(size, np.uint8)
+        received = np.asarray(mx.distributed.all_sum(mx.array(buffer), group=self.group, stream=mx.cpu))
+        return plan if plan is not None else decode_plan(received.tobytes())
 
     def _admit(self, request: _Request, generator: BatchGenerator, running: Dict[int, _Request]) -> None:
         try:
             cache = self._prefill(request)
         except Exception as error:
+            # Every rank fails alike: the request was checked on submit, so what is left to fail is the same
+            # computation on the same inputs. Only a failure of one rank alone (out of memory) breaks the step.
             request.events.put(error)
             return
         params, ids = request.params, request.inputs.input_ids.tolist()
@@ -295,12 +380,6 @@ class Engine:
         request.cached_tokens = cached
         request.prompt_seconds = time.perf_counter() - tic
         return cache
-
-    def _drop_cancelled(self, generator: BatchGenerator, running: Dict[int, _Request]) -> None:
-        while not self._cancelled.empty():
-            request = self._cancelled.get()
-            if running.pop(request.uid, None) is not None:
-                generator.remove([request.uid])
 
     def _deliver(self, response, generator: BatchGenerator, running: Dict[int, _Request]) -> None:
         """Hand one generated token to its request: text (held back while it may begin a stop string),
@@ -362,6 +441,61 @@ def _cache_key(inputs: ModelInputs) -> List[Any]:
         key[start:end] = [digest] * (end - start)
         position = end
     return key
+
+
+def encode_plan(plan: Plan) -> bytes:
+    """A plan as bytes for the other ranks: per admitted request what they need to prefill and decode it alike
+    (token ids, pixels, prompt-cache key, sampling settings), not what rank 0 alone uses (images, prompt text)."""
+    arrays: List[np.ndarray] = []
+
+    def add(array: mx.array) -> int:
+        arrays.append(np.asarray(array))
+        return len(arrays) - 1
+
+    admitted = [
+        {
+            "input_ids": add(r.inputs.input_ids),
+            "pixel_values": [add(p) for p in r.inputs.pixel_values],
+            "image_tokens": r.inputs.image_tokens,
+            "key": r.key,
+            "params": asdict(r.params),
+        }
+        for r in plan.admitted
+    ]
+    return pack({"admitted": admitted, "cancelled": plan.cancelled, "close": plan.close}, arrays)
+
+
+def decode_plan(data: bytes) -> Plan:
+    """The plan ``encode_plan`` wrote, on a rank without the images: their pixels came with it."""
+    header, arrays = unpack(data)
+    admitted = []
+    for entry in header["admitted"]:
+        inputs = ModelInputs(mx.array(arrays[entry["input_ids"]]), [], None, entry["image_tokens"], "")
+        inputs.pixel_values = [mx.array(arrays[i]) for i in entry["pixel_values"]]  # the property's value
+        admitted.append(_Request(inputs, SamplingParams(**entry["params"]), entry["key"]))
+    return Plan(admitted, header["cancelled"], header["close"])
+
+
+def pack(header: Dict[str, Any], arrays: Sequence[np.ndarray]) -> bytes:
+    """A JSON ``header`` and numpy ``arrays`` as bytes: the header's length (8 bytes), the JSON (with the arrays'
+    dtypes and shapes), the arrays' raw bytes (in C order). No pickle: unpickling can run any code."""
+    arrays = [np.asarray(a) for a in arrays]
+    if any(a.dtype.hasobject for a in arrays):
+        raise TypeError("Only arrays of numbers can be packed.")
+    meta = json.dumps({"header": header, "arrays": [[a.dtype.str, a.shape] for a in arrays]}).encode()
+    return b"".join([len(meta).to_bytes(8, "little"), meta, *(a.tobytes() for a in arrays)])
+
+
+def unpack(data: bytes) -> Tuple[Dict[str, Any], List[np.ndarray]]:
+    """``pack``'s header and arrays (read-only views of ``data``)."""
+    size = int.from_bytes(data[:8], "little")
+    meta = json.loads(data[8 : 8 + size])
+    arrays, offset = [], 8 + size
+    for dtype, shape in meta["arrays"]:
+        dtype, count = np.dtype(dtype), math.prod(shape)
+        arrays.append(np.frombuffer(data, dtype, count, offset).reshape(shape))
+        offset += dtype.itemsize * count
+    return meta["header"], arrays
 
 
 def _trim(cache: List[Any], n: int) -> bool:

@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import secrets
+import signal
 import socket
 import sys
 import threading
@@ -31,11 +32,13 @@ from .errors import EVEError, ImageError, MissingDependencyError, PromptTooLongE
 from .prompts import IMAGE_PLACEHOLDER
 
 if TYPE_CHECKING:
+    import mlx.core as mx
     import uvicorn
     from fastapi import FastAPI
     from mlx_lm.tokenizer_utils import TokenizerWrapper
 
     from .engine import Engine, Event, SamplingParams, Stream, Usage
+    from .models.base import EVEModel
     from .processor import Processor
 
 INSTALL_HINT = "The server needs FastAPI and uvicorn: pip install 'mlx-eve[server]'"
@@ -627,22 +630,28 @@ def stoppable_server(config: "uvicorn.Config", on_exit: Callable[[], None]) -> "
 
 
 def serve(args: argparse.Namespace) -> None:
-    """Load the model and serve it until Ctrl-C (``KeyboardInterrupt``)."""
+    """Load the model and serve it until Ctrl-C (``KeyboardInterrupt``). Under ``mlx.launch`` every process runs
+    this with its part of the model: rank 0 serves HTTP, the others run its engine's rounds (``follow_rank_0``)."""
     try:
         import fastapi  # noqa: F401
         import uvicorn
         from uvicorn.logging import DefaultFormatter
     except ImportError as e:
         raise MissingDependencyError(INSTALL_HINT) from e
-    from .engine import Engine, SamplingParams
-    from .loading import load
+    import mlx.core as mx
 
+    from .engine import SamplingParams
+
+    group = mx.distributed.init()
+    if group.rank() > 0:
+        follow_rank_0(args, group)
+        return
     # Before loading: a port in use is known at once.
     with listen(args.host, args.port) as sock:
         model_path = args.model
         print(f"Loading {model_path} …", flush=True)
         start = time.perf_counter()
-        model, processor = load(model_path, adapter_path=args.adapter_path, max_size=args.max_size)
+        model, processor = load_model(args, group)
         print(f"Loaded in {time.perf_counter() - start:.1f} s.", flush=True)
         if args.api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
             print(
@@ -662,13 +671,7 @@ def serve(args: argparse.Namespace) -> None:
             max_image_bytes=args.max_image_bytes,
             image_timeout=args.image_timeout,
         )
-        engine = Engine(
-            model,
-            processor,
-            max_batch_size=args.max_batch_size,
-            max_queued=args.max_queued,
-            prompt_cache_bytes=args.prompt_cache_bytes,
-        )
+        engine = make_engine(model, processor, args, group)
         try:
             # One token before serving: the first answer would otherwise pay for the lazy start of the tokenizer
             # and the compute backend, and a Ctrl-C during that start was seen to be lost.
@@ -676,11 +679,45 @@ def serve(args: argparse.Namespace) -> None:
             app = create_app(engine, processor, settings)
             config = uvicorn.Config(app, host=args.host, port=args.port, timeout_graceful_shutdown=SHUTDOWN_GRACE_S)
             host = f"[{args.host}]" if ":" in args.host else args.host
-            print(f"Serving {settings.model_id} at http://{host}:{args.port}/v1 (Ctrl-C to quit)", flush=True)
+            processes = f" on {group.size()} processes" if group.size() > 1 else ""
+            print(
+                f"Serving {settings.model_id}{processes} at http://{host}:{args.port}/v1 (Ctrl-C to quit)", flush=True
+            )
             # On Ctrl-C the answers in progress end, uvicorn closes the connections, then raises KeyboardInterrupt.
             stoppable_server(config, app.state.stop_answers).run(sockets=[sock])
         finally:
-            engine.close()
+            engine.close()  # with several processes, this also stops the others
+
+
+def follow_rank_0(args: argparse.Namespace, group: "mx.distributed.Group") -> None:
+    """A rank other than 0: its part of the model, running rank 0's engine rounds until rank 0 closes it."""
+    # Ctrl-C in a terminal reaches every process of the group; rank 0 stops them all. Leaving at once instead
+    # would strand rank 0 in the middle of a step.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    model, processor = load_model(args, group)
+    make_engine(model, processor, args, group).join()
+
+
+def load_model(args: argparse.Namespace, group: "mx.distributed.Group") -> Tuple["EVEModel", "Processor"]:
+    from .loading import load
+
+    return load(args.model, adapter_path=args.adapter_path, max_size=args.max_size, group=group)
+
+
+def make_engine(
+    model: "EVEModel", processor: "Processor", args: argparse.Namespace, group: "mx.distributed.Group"
+) -> "Engine":
+    """The same engine on every rank: they must batch, and keep KV caches, alike."""
+    from .engine import Engine
+
+    return Engine(
+        model,
+        processor,
+        max_batch_size=args.max_batch_size,
+        max_queued=args.max_queued,
+        prompt_cache_bytes=args.prompt_cache_bytes,
+        group=group,
+    )
 
 
 if __name__ == "__main__":
