@@ -13,9 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tiny_checkpoints
+from processes import LAUNCHER, ROOT, command
 
-ROOT = Path(__file__).resolve().parent.parent
-LAUNCHER = Path(sys.executable).parent / "mlx.launch"
 QUESTIONS = ["<image>\nWhat is in the image?", "Where is the blue square?"]
 MAX_TOKENS = 8
 
@@ -50,10 +49,7 @@ def worker(out: Path, image: str, models: list) -> None:
 
 
 def launch(processes: int, *args: str) -> subprocess.CompletedProcess:
-    command = [sys.executable, *args]
-    if processes > 1:
-        command = [str(LAUNCHER), "-n", str(processes), "--backend", "ring", "--python", sys.executable, "--", *args]
-    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    return subprocess.run(command(processes, *args), cwd=ROOT, capture_output=True, text=True, timeout=300)
 
 
 @pytest.fixture(scope="module")

@@ -4,96 +4,25 @@ port, asked with the ``openai`` client (and with raw HTTP where the client would
 import base64
 import http.client
 import json
-import os
 import re
-import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
+from processes import ROOT, free_port, http_request, start_server, stop_server, wait_for_log
 
 openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
-ROOT = Path(__file__).resolve().parent.parent
 KEY = "test-key"
 MAX_BODY_BYTES = 1_000_000
 MAX_IMAGE_BYTES = 200_000
 IMAGE_TIMEOUT_S = 1
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(model: Path, log: Path, *options: str) -> SimpleNamespace:
-    """The server on a free port, once it answers /health; its output goes to ``log``."""
-    port = free_port()
-    with open(log, "w") as out:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "mlx_eve.server", "--model", str(model), "--port", str(port), *options],
-            cwd=ROOT,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-            # Ctrl-C must reach it even when the tests run as a background job (whose children ignore SIGINT).
-            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
-        )
-    server = SimpleNamespace(process=process, port=port, url=f"http://127.0.0.1:{port}", log=log)
-    deadline = time.monotonic() + 120
-    while True:
-        if process.poll() is not None:
-            pytest.fail(f"the server exited with {process.returncode}:\n{log.read_text()}")
-        try:
-            if http_request(server, "GET", "/health")[0] == 200:
-                return server
-        except OSError:
-            if time.monotonic() > deadline:
-                process.kill()
-                pytest.fail(f"the server did not start:\n{log.read_text()}")
-            time.sleep(0.2)
-
-
-def stop_server(server: SimpleNamespace) -> int:
-    """Ctrl-C, as a user stops it; its exit code."""
-    server.process.send_signal(signal.SIGINT)
-    try:
-        return server.process.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        server.process.kill()
-        pytest.fail(f"the server did not stop within 30 s of Ctrl-C:\n{server.log.read_text()}")
-
-
-def http_request(server, method: str, path: str, body=None, headers=None, key=None):
-    """(status, JSON body) of a raw request; ``body`` is JSON unless it is bytes."""
-    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
-    try:
-        headers = dict(headers or {})
-        if key is not None:
-            headers["Authorization"] = f"Bearer {key}"
-        data = body if body is None or isinstance(body, bytes) else json.dumps(body).encode()
-        connection.request(method, path, body=data, headers=headers)
-        response = connection.getresponse()
-        return response.status, json.loads(response.read() or b"null")
-    finally:
-        connection.close()
-
-
-def wait_for_log(server, pattern: str, timeout: float = 10) -> re.Match:
-    deadline = time.monotonic() + timeout
-    while not (match := re.search(pattern, server.log.read_text())):
-        assert time.monotonic() < deadline, f"{pattern!r} not in the server's log:\n{server.log.read_text()}"
-        time.sleep(0.05)
-    return match
 
 
 @pytest.fixture(scope="module")
