@@ -7,18 +7,27 @@ bytes of weights it holds, ``mx.get_peak_memory()`` right after ``load``, and th
 speed of one image question (``--max-tokens`` tokens, no stop token). The BLAS threads are shared out: each
 of N processes gets ``cores / N`` (``OPENBLAS_NUM_THREADS``), so 1 and N processes use the same cores.
 
+With ``--server``, the same through ``mlx_eve.server`` instead: per process count, the time to the first token
+and the generation speed of streamed answers to the image question, asked twice (the second finds the prompt
+in the prompt cache).
+
     LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libopenblas.so.0 python benchmarks/distributed.py
     python benchmarks/distributed.py --model eve-v2-4bit --processes 1 2 4
+    python benchmarks/distributed.py --server
 """
 
 import argparse
+import base64
 import json
 import os
 import shutil
+import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -82,17 +91,77 @@ def write_image(path: Path) -> None:
     image.save(path)
 
 
-def run(processes: int, args: argparse.Namespace, model: Path, image: Path, out: Path) -> None:
-    command = [__file__, "--worker", str(out), "--model", str(model), "--image", str(image)]
-    command += ["--max-tokens", str(args.max_tokens)]
-    env = dict(os.environ)
-    if processes == 1:
-        command = [sys.executable, *command]
-    else:
+def launch(processes: int, *args: str) -> tuple:
+    """The command that runs ``python ARGS`` on ``processes`` processes, and its environment."""
+    command, env = [sys.executable, *args], dict(os.environ)
+    if processes > 1:
         launcher = [str(Path(sys.executable).parent / "mlx.launch"), "-n", str(processes), "--backend", "ring"]
-        command = [*launcher, "--python", sys.executable, "--", *command]
+        command = [*launcher, "--python", sys.executable, "--", *args]
         env.setdefault("OPENBLAS_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // processes)))
-    subprocess.run(command, check=True, cwd=ROOT, env=env)
+    return command, env
+
+
+def run(processes: int, args: argparse.Namespace, model: Path, image: Path, out: Path) -> None:
+    command, env = launch(processes, __file__, "--worker", str(out), "--model", str(model), "--image", str(image))
+    subprocess.run([*command, "--max-tokens", str(args.max_tokens)], check=True, cwd=ROOT, env=env)
+
+
+def serve_and_ask(processes: int, args: argparse.Namespace, model: Path, image: Path, log: Path) -> list:
+    """``mlx_eve.server`` on ``processes`` processes: two streamed answers to the image question, each as
+    (prompt tokens, generated tokens, seconds to the first token, generation tokens/s)."""
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    command, env = launch(processes, "-m", "mlx_eve.server", "--model", str(model), "--port", str(port))
+    url = f"http://127.0.0.1:{port}"
+    with open(log, "w") as out:
+        # A group of its own, for Ctrl-C to reach every process as from a terminal.
+        server = subprocess.Popen(
+            command,
+            cwd=ROOT,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.PIPE,
+            start_new_session=True,
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # even when run in the background
+        )
+    try:
+        while True:
+            if server.poll() is not None:
+                raise RuntimeError(f"The server exited:\n{log.read_text()}")
+            try:
+                urllib.request.urlopen(f"{url}/health")
+                break
+            except OSError:
+                time.sleep(0.5)
+        uri = "data:image/png;base64," + base64.b64encode(image.read_bytes()).decode()
+        question = [{"type": "image_url", "image_url": {"url": uri}}, {"type": "text", "text": "What is in the image?"}]
+        body = {
+            "messages": [{"role": "user", "content": question}],
+            "max_tokens": args.max_tokens,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+        return [stream_answer(f"{url}/v1/chat/completions", body) for _ in range(2)]
+    finally:
+        os.killpg(server.pid, signal.SIGINT)
+        server.wait()
+
+
+def stream_answer(url: str, body: dict) -> tuple:
+    request = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
+    start, times, usage = time.perf_counter(), [], None
+    with urllib.request.urlopen(request) as response:
+        for line in response:
+            if not line.startswith(b"data: {"):
+                continue
+            chunk = json.loads(line[6:])
+            if chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+                times.append(time.perf_counter())
+            usage = chunk.get("usage") or usage
+    tokens = usage["completion_tokens"]
+    return usage["prompt_tokens"], tokens, times[0] - start, (tokens - 1) / (times[-1] - times[0])
 
 
 def main() -> None:
@@ -100,6 +169,7 @@ def main() -> None:
     parser.add_argument("--model", default=None, help="An EVE model folder (default: write a random EVEv2 one).")
     parser.add_argument("--processes", "-n", type=int, nargs="+", default=[1, 2], help="Process counts to run.")
     parser.add_argument("--max-tokens", type=int, default=64, help="Tokens to generate (default 64).")
+    parser.add_argument("--server", action="store_true", help="Time answers of mlx_eve.server instead.")
     parser.add_argument("--image", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--worker", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -118,6 +188,14 @@ def benchmark(args: argparse.Namespace) -> None:
             write_checkpoint(model)
         image = work / "image.png"
         write_image(image)
+        if args.server:
+            print("| processes | answer | prompt tokens | generated tokens | first token s | generation tok/s |")
+            print("|---|---|---|---|---|---|")
+            for processes in args.processes:
+                answers = serve_and_ask(processes, args, model, image, work / f"server-{processes}.log")
+                for i, (prompt, tokens, first, tps) in enumerate(answers, 1):
+                    print(f"| {processes} | {i} | {prompt} | {tokens} | {first:.2f} | {tps:.2f} |", flush=True)
+            return
         print(
             "| processes | rank | weights held GB (split part) | peak after load GB | load s | "
             "prompt tokens | prompt tok/s | generation tok/s | peak GB |"
