@@ -181,6 +181,28 @@ def test_close_ups_show_one_filling_shape_in_training_only(tmp_path):
     assert max(widest["valid"] + widest["test"]) < 0.5
 
 
+def test_descriptions_list_the_shapes_left_to_right_and_eval_turns_add_history(tmp_path):
+    root = _generate(tmp_path / "described", "--seed", "6", "--descriptions", "0.5", "--eval-turns", "2")
+    described = 0
+    for split, samples in _samples(root).items():
+        for s in samples:
+            width, objects = _read_objects(root / s["image"])
+            turns = s["conversations"]
+            questions = [q["value"].replace("<image>\n", "") for q in turns[::2]]
+            if split != "train":
+                assert len(questions) == 2
+            if questions[-1] in make_dataset.QUESTIONS["describe"]:
+                assert split == "train" and s["question_type"] == "describe"
+                names = [f"a {o['colour']} {o['kind']}" for o in sorted(objects, key=lambda o: o["x"])]
+                expected = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+                assert turns[-1]["value"] == expected, s["image"]
+                described += 1
+                turns, questions = turns[:-2], questions[:-1]
+            for question, answer in zip(questions, turns[1::2], strict=True):
+                assert answer["value"] == _answer_from_pixels(question, objects, width)[1], s["image"]
+    assert 10 <= described <= 30, described  # about half of the 40 training conversations
+
+
 def test_generation_is_deterministic_and_splits_hold_different_images(dataset, tmp_path):
     again = _generate(tmp_path / "again", *SEED_3)
     other = _generate(tmp_path / "other", "--seed", "4", *SEED_3[2:])

@@ -71,6 +71,11 @@ QUESTIONS = {
         "Is the {colour} {shape} on the left or right side of the image?",
         "Which side is the {colour} {shape} on, left or right?",
     ],
+    "describe": [
+        "Describe the image.",
+        "Describe the picture.",
+        "List the shapes from left to right.",
+    ],
     "size": [
         "Is the {colour} {shape} big or small?",
         "Is the {colour} {shape} small or big?",
@@ -173,6 +178,13 @@ def questions(scene: Scene, task: str, rng: np.random.Generator) -> List[QA]:
     return found
 
 
+def description(scene: Scene) -> str:
+    """The shapes from left to right, e.g. "a red circle, a blue square and a green triangle" (no sizes: size is
+    the held-out task)."""
+    names = [f"a {s.colour} {s.kind}" for s in sorted(scene.shapes, key=lambda s: s.centre_x)]
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+
+
 def make_sample(
     rng: np.random.Generator,
     task: str,
@@ -233,6 +245,7 @@ def make_record(
     fmt: str,
     turns: int = 1,
     close_ups: float = 0.0,
+    descriptions: float = 0.0,
 ) -> dict:
     # The type and answer of sample i cycle through all combinations, so both are balanced exactly.
     task = tasks[index % len(tasks)]
@@ -247,6 +260,11 @@ def make_record(
         task, qas = typed[-1][0], [qa for _, qa in typed]
     else:
         scene, qas = make_sample(rng, task, answer, tasks, image_size, turns)
+    if np.random.default_rng([seed, SPLITS.index(split), index, 2]).random() < descriptions:
+        # Last, so that the questions before it are answered without its help, as at inference.
+        phrasings = QUESTIONS["describe"]
+        qas.append((phrasings[rng.integers(len(phrasings))], description(scene)))
+        task = "describe"
     name = f"{split}-{index:06d}"
     image = f"images/{name}.png"
     render(scene, rng).save(out / image, compress_level=1)
@@ -271,6 +289,7 @@ def write_split(
     workers: int = 1,
     turns: int = 1,
     close_ups: float = 0.0,
+    descriptions: float = 0.0,
 ) -> Path:
     """Write ``count`` samples of ``split`` (images and ``<split>.jsonl``, in shuffled order) into ``out``."""
     (out / "images").mkdir(parents=True, exist_ok=True)
@@ -284,6 +303,7 @@ def write_split(
         fmt=fmt,
         turns=turns,
         close_ups=close_ups,
+        descriptions=descriptions,
     )
     if workers > 1:
         with Pool(workers) as pool:
@@ -323,11 +343,25 @@ def build_parser() -> argparse.ArgumentParser:
         help="Questions per training image: more supervision per image (valid/test keep one scored question).",
     )
     p.add_argument(
+        "--eval-turns",
+        type=int,
+        default=1,
+        help="Questions per validation and test image: the last is scored, the others (with their answers) come "
+        "first as conversation history (1: one question, with one question before it now and then).",
+    )
+    p.add_argument(
         "--close-ups",
         type=float,
         default=0.0,
         help="Fraction of training images showing one shape that fills most of the image (a curriculum aid for "
         "training from scratch; validation and test images never are).",
+    )
+    p.add_argument(
+        "--descriptions",
+        type=float,
+        default=0.0,
+        help="Fraction of training conversations that end by listing every shape from left to right (dense "
+        "supervision: colour, shape, count and order of all shapes in one answer).",
     )
     return p
 
@@ -353,8 +387,9 @@ def main(argv: Optional[List[str]] = None) -> int:
             image_size=(low, high),
             fmt=args.format,
             workers=args.workers,
-            turns=args.train_turns if split == "train" else 1,
+            turns=args.train_turns if split == "train" else args.eval_turns,
             close_ups=args.close_ups if split == "train" else 0.0,
+            descriptions=args.descriptions if split == "train" else 0.0,
         )
         seconds = time.perf_counter() - start
         print(f"{path}: {count} samples in {seconds:.1f} s ({count / max(seconds, 1e-9):.0f} images/s)")

@@ -170,6 +170,12 @@ def main() -> None:
     p.add_argument(
         "--close-ups", type=float, default=0.25, help="Fraction of training images showing one shape up close."
     )
+    p.add_argument(
+        "--descriptions",
+        type=float,
+        default=0.0,
+        help="Fraction of training conversations ending with a left-to-right list of the shapes.",
+    )
     p.add_argument("--iters", type=int, default=2000)
     p.add_argument("--batch-size", type=int, default=16)
     # At 1e-3 the loss of shape questions stays at the answer prior, even on close-ups alone.
@@ -207,6 +213,8 @@ def main() -> None:
             str(args.train_turns),
             "--close-ups",
             str(args.close_ups),
+            "--descriptions",
+            str(args.descriptions),
         )
     if args.init:
         init = at_resolution(args.init, args.max_size, init) if args.max_size else args.init
