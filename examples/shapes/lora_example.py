@@ -42,6 +42,7 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--learning-rate", type=float, default=1e-4)
     p.add_argument("--test", type=int, default=300, help="Held-out images to score.")
+    p.add_argument("--no-qlora", action="store_true", help="LoRA on the float16 model only (QLoRA is slow on a CPU).")
     args = p.parse_args()
     data, q4 = args.work / "size", args.work / "model-4bit"
     if not (data / "test.jsonl").exists():
@@ -60,10 +61,11 @@ def main() -> None:
             "--seed",
             "7",
         )
-    if not (q4 / "config.json").exists():
+    if not args.no_qlora and not (q4 / "config.json").exists():
         run("convert.py", "--hf-path", str(args.model), "--mlx-path", str(q4), "-q", "--q-bits", "4")
     results = {}
-    for name, model in (("LoRA", args.model), ("QLoRA (4-bit base)", q4)):
+    variants = [("LoRA", args.model)] + ([] if args.no_qlora else [("QLoRA (4-bit base)", q4)])
+    for name, model in variants:
         adapters = args.work / f"adapters-{model.name}"
         resume = ["--resume"] if (adapters / "checkpoint" / "state.json").exists() else []
         run(
