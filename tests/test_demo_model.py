@@ -10,19 +10,24 @@ from pathlib import Path
 import pytest
 
 from mlx_eve import generate, load
+from mlx_eve.app import EXAMPLE_QUESTIONS
+from mlx_eve.chat import ChatSession
 from mlx_eve.demo import BUNDLED_MODEL, EXAMPLE_IMAGES
 
 ROOT = Path(__file__).resolve().parent.parent
 IMAGE = EXAMPLE_IMAGES / "shapes.png"
 
 # mlx_eve/assets/images/shapes.png, as drawn: a red circle top left, a blue square top right, a green triangle
-# at the bottom in the middle. Each question with the answer words its type takes, and the right one.
+# at the bottom in the middle. Each question with the answers its type takes, and the right one.
+COLOURS, SHAPES = {"red", "green", "blue", "yellow", "purple"}, {"circle", "square", "triangle"}
 FACTS = {
     "How many shapes are there?": ({"1", "2", "3", "4"}, "3"),
-    "What colour is the circle?": ({"red", "green", "blue", "yellow", "purple"}, "red"),
-    "What colour is the triangle?": ({"red", "green", "blue", "yellow", "purple"}, "green"),
-    "What shape is the blue object?": ({"circle", "square", "triangle"}, "square"),
-    "What shape is the green object?": ({"circle", "square", "triangle"}, "triangle"),
+    "What colour is the circle?": (COLOURS, "red"),
+    "What colour is the triangle?": (COLOURS, "green"),
+    "What color is the square?": (COLOURS, "blue"),
+    "What shape is the blue object?": (SHAPES, "square"),
+    "What shape is the green object?": (SHAPES, "triangle"),
+    "What shape is the red object?": (SHAPES, "circle"),
     "Is the red circle on the left or on the right?": ({"left", "right"}, "left"),
     "Is the blue square on the left or on the right?": ({"left", "right"}, "right"),
 }
@@ -39,12 +44,35 @@ def readme_first_command() -> list:
     return shlex.split(line.split("python generate.py", 1)[1])
 
 
-def test_readme_first_command_answers_correctly():
+def readme_question() -> str:
     args = readme_first_command()
-    question = args[args.index("-p") + 1]
-    out = subprocess.run([sys.executable, "generate.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    return args[args.index("-p") + 1]
+
+
+# The questions README and the app show about the bundled image: these must be answered right.
+EXAMPLES = [readme_question(), *EXAMPLE_QUESTIONS[IMAGE.name]]
+
+
+def test_readme_first_command_answers_correctly():
+    out = subprocess.run(
+        [sys.executable, "generate.py", *readme_first_command()], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
     assert out.returncode == 0, out.stderr
-    assert out.stdout.split("==========")[0].strip() == FACTS[question][1], out.stdout
+    assert out.stdout.split("==========")[0].strip() == FACTS[readme_question()][1], out.stdout
+
+
+@pytest.mark.parametrize("question", EXAMPLES)
+def test_answers_the_example_questions_right(demo_model, question):
+    assert generate(*demo_model, question, image=IMAGE, max_tokens=8).strip() == FACTS[question][1]
+
+
+@pytest.mark.parametrize("question", EXAMPLES)
+def test_answers_them_right_as_a_second_turn(demo_model, question):
+    """After another example question about the same image, as in the chat app."""
+    first = EXAMPLES[EXAMPLES.index(question) - 1]
+    chat = ChatSession(*demo_model, IMAGE)
+    assert "".join(r.text for r in chat.stream(first, max_tokens=8)).strip() == FACTS[first][1]
+    assert "".join(r.text for r in chat.stream(question, max_tokens=8)).strip() == FACTS[question][1]
 
 
 @pytest.mark.parametrize("question", list(FACTS))
@@ -64,4 +92,5 @@ def test_held_out_accuracy_on_images_drawn_afresh(demo_model, tmp_path):
         [*make, "--train", "4", "--valid", "4", "--test", "80", "--seed", "2026", "--workers", "1"], check=True
     )
     result = shapes_eval.evaluate(*demo_model, shapes_eval.load_samples(tmp_path / "test.jsonl"), tmp_path)
-    assert result["accuracy"] >= 0.4, result["by_type"]  # chance: about 0.32
+    # 78.8 % here, 74 % on the 1000-image test split; chance: about 32 %.
+    assert result["accuracy"] >= 0.65, result["by_type"]

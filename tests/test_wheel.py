@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-QUESTION = "What shape is the blue object?"
+QUESTION = "What shape is the green object?"
 
 
 def cannot_build() -> str:
@@ -111,7 +111,7 @@ def test_installed_generate_answers_with_the_bundled_model(installed, venv, else
     image = installed["images"] / "shapes.png"
     out = run(venv / "bin" / "python", "-m", "mlx_eve.generate", "--image", image, "-p", QUESTION, cwd=elsewhere)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.split("==========")[0].strip() == "square", out.stdout
+    assert out.stdout.split("==========")[0].strip() == "triangle", out.stdout
 
 
 def test_console_script_is_installed(venv, elsewhere):
