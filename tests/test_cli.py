@@ -97,7 +97,7 @@ COMMANDS = ["generate", "convert", "lora", "fuse", "app", "server", "caption", "
 
 
 def test_help_and_argument_errors_need_no_mlx_lm():
-    """Parsing runs before mlx-lm (and transformers), Gradio or FastAPI are loaded: seconds to import."""
+    """Parsing runs before mlx-lm (and transformers), Gradio, FastAPI or tqdm are loaded: seconds to import."""
     code = (
         "import importlib, sys\n"
         "command = importlib.import_module('mlx_eve.{name}')\n"
@@ -106,7 +106,7 @@ def test_help_and_argument_errors_need_no_mlx_lm():
         "        command.main(argv)\n"
         "    except SystemExit as e:\n"
         "        assert e.code in (0, 2), e.code\n"
-        "heavy = ('mlx_lm', 'transformers', 'torch', 'gradio', 'fastapi')\n"
+        "heavy = ('mlx_lm', 'transformers', 'torch', 'gradio', 'fastapi', 'tqdm')\n"
         "print(sorted(m for m in sys.modules if m.split('.')[0] in heavy))\n"
     )
     for name in COMMANDS:
