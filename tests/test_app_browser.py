@@ -11,10 +11,10 @@ import unicodedata
 from pathlib import Path
 
 import pytest
+from bundled_image import IMAGE, README_ANSWER, README_QUESTION
 from test_app_server import running_app
 
 ROOT = Path(__file__).resolve().parent.parent
-IMAGE = ROOT / "mlx_eve" / "assets" / "images" / "shapes.png"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMIUM_ARGS = [
     "--no-sandbox",
@@ -151,12 +151,12 @@ def test_ask_about_an_image_then_follow_up(page, demo_model, tmp_path):
 
     model, processor = demo_model
     # The README's question, which the demo model answers correctly (tests/test_demo_model.py).
-    first, follow_up = "What shape is the green object?", "What color is the square?"
+    first, follow_up = README_QUESTION, "What color is the square?"
     set_max_tokens(page, MAX_TOKENS)
 
     shown = ask(page, first, IMAGE)
     expected = expected_answer(model, processor, first, IMAGE)
-    assert same_answer(shown, expected) and same_answer(shown, "triangle"), (shown, expected)
+    assert same_answer(shown, expected) and same_answer(shown, README_ANSWER), (shown, expected)
     # The same turns in-process, to read the footer against.
     session = ChatSession(model, processor, IMAGE)
     turn_1 = list(session.stream(first, max_tokens=MAX_TOKENS))[-1]

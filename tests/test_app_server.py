@@ -17,6 +17,7 @@ from typing import Iterator
 import mlx.core as mx
 import pytest
 import tiny_checkpoints
+from bundled_image import IMAGE, README_ANSWER, README_QUESTION
 from mlx.utils import tree_flatten
 
 from mlx_eve import generate, load, stream_generate
@@ -28,8 +29,6 @@ pytest.importorskip("gradio", reason="the app needs gradio: pip install 'mlx-eve
 gradio_client = pytest.importorskip("gradio_client")
 
 ROOT = Path(__file__).resolve().parent.parent
-IMAGE = ROOT / "mlx_eve" / "assets" / "images" / "shapes.png"
-QUESTION = "What shape is the green object?"  # the README's, which the demo model answers ("triangle")
 
 
 # --- The app as a process ------------------------------------------------------------------------------------
@@ -149,11 +148,11 @@ def api_app(tmp_path_factory, adapters) -> Iterator[App]:
 def test_an_image_question_is_answered_as_generate_answers_it(api_app, demo_model):
     model, processor = demo_model
     answer, stats = client(api_app).predict(
-        question=QUESTION, image=gradio_client.handle_file(IMAGE), max_tokens=24, api_name="/answer"
+        question=README_QUESTION, image=gradio_client.handle_file(IMAGE), max_tokens=24, api_name="/answer"
     )
     # What generate() joins, greedy, in-process.
-    expected = list(stream_generate(model, processor, QUESTION, image=IMAGE, max_tokens=24))
-    assert answer == "".join(r.text for r in expected) and "triangle" in answer
+    expected = list(stream_generate(model, processor, README_QUESTION, image=IMAGE, max_tokens=24))
+    assert answer == "".join(r.text for r in expected) and README_ANSWER in answer
     last = expected[-1]
     assert stats["image_tokens"] == last.image_tokens > 0 and stats["prompt_tokens"] == last.prompt_tokens
     assert stats["generation_tokens"] == last.generation_tokens and stats["finish_reason"] == last.finish_reason
@@ -179,8 +178,8 @@ def test_a_bad_image_is_a_clear_error_and_the_app_keeps_working(api_app, demo_mo
         job.result(timeout=60)
     with pytest.raises(gradio_client.exceptions.AppError, match="Ask a question"):
         api.predict(question=" ", api_name="/answer")
-    answer, _ = api.predict(question=QUESTION, image=gradio_client.handle_file(IMAGE), api_name="/answer")
-    assert answer == generate(*demo_model, QUESTION, image=IMAGE)
+    answer, _ = api.predict(question=README_QUESTION, image=gradio_client.handle_file(IMAGE), api_name="/answer")
+    assert answer == generate(*demo_model, README_QUESTION, image=IMAGE)
 
 
 def test_the_answer_endpoint_is_the_only_one_listed(api_app):

@@ -2,35 +2,16 @@
 answers: the README's first command about the bundled image, and questions about images drawn afresh."""
 
 import importlib.util
-import shlex
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+from bundled_image import FACTS, IMAGE, README_ANSWER, README_QUESTION, ROOT, readme_first_command
 
 from mlx_eve import generate, load
 from mlx_eve.app import EXAMPLE_QUESTIONS
 from mlx_eve.chat import ChatSession
-from mlx_eve.demo import BUNDLED_MODEL, EXAMPLE_IMAGES
-
-ROOT = Path(__file__).resolve().parent.parent
-IMAGE = EXAMPLE_IMAGES / "shapes.png"
-
-# mlx_eve/assets/images/shapes.png, as drawn: a red circle top left, a blue square top right, a green triangle
-# at the bottom in the middle. Each question with the answers its type takes, and the right one.
-COLOURS, SHAPES = {"red", "green", "blue", "yellow", "purple"}, {"circle", "square", "triangle"}
-FACTS = {
-    "How many shapes are there?": ({"1", "2", "3", "4"}, "3"),
-    "What colour is the circle?": (COLOURS, "red"),
-    "What colour is the triangle?": (COLOURS, "green"),
-    "What color is the square?": (COLOURS, "blue"),
-    "What shape is the blue object?": (SHAPES, "square"),
-    "What shape is the green object?": (SHAPES, "triangle"),
-    "What shape is the red object?": (SHAPES, "circle"),
-    "Is the red circle on the left or on the right?": ({"left", "right"}, "left"),
-    "Is the blue square on the left or on the right?": ({"left", "right"}, "right"),
-}
+from mlx_eve.demo import BUNDLED_MODEL
 
 
 @pytest.fixture(scope="module")
@@ -38,19 +19,8 @@ def demo_model():
     return load(str(BUNDLED_MODEL))
 
 
-def readme_first_command() -> list:
-    """The arguments of ``python generate.py`` in the README's first command."""
-    line = next(line for line in (ROOT / "README.md").read_text().splitlines() if "python generate.py" in line)
-    return shlex.split(line.split("python generate.py", 1)[1])
-
-
-def readme_question() -> str:
-    args = readme_first_command()
-    return args[args.index("-p") + 1]
-
-
 # The questions README and the app show about the bundled image: these must be answered right.
-EXAMPLES = [readme_question(), *EXAMPLE_QUESTIONS[IMAGE.name]]
+EXAMPLES = [README_QUESTION, *EXAMPLE_QUESTIONS[IMAGE.name]]
 
 
 def test_readme_first_command_answers_correctly():
@@ -58,7 +28,7 @@ def test_readme_first_command_answers_correctly():
         [sys.executable, "generate.py", *readme_first_command()], cwd=ROOT, capture_output=True, text=True, timeout=300
     )
     assert out.returncode == 0, out.stderr
-    assert out.stdout.split("==========")[0].strip() == FACTS[readme_question()][1], out.stdout
+    assert out.stdout.split("==========")[0].strip() == README_ANSWER, out.stdout
 
 
 @pytest.mark.parametrize("question", EXAMPLES)

@@ -14,9 +14,9 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from bundled_image import README_ANSWER, README_QUESTION
 
 ROOT = Path(__file__).resolve().parent.parent
-QUESTION = "What shape is the green object?"
 
 
 def cannot_build() -> str:
@@ -109,9 +109,9 @@ def test_mlx_eve_is_imported_from_the_fresh_venv_not_the_repo(installed, venv):
 
 def test_installed_generate_answers_with_the_bundled_model(installed, venv, elsewhere):
     image = installed["images"] / "shapes.png"
-    out = run(venv / "bin" / "python", "-m", "mlx_eve.generate", "--image", image, "-p", QUESTION, cwd=elsewhere)
+    out = run(venv / "bin" / "python", "-m", "mlx_eve.generate", "--image", image, "-p", README_QUESTION, cwd=elsewhere)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.split("==========")[0].strip() == "triangle", out.stdout
+    assert out.stdout.split("==========")[0].strip() == README_ANSWER, out.stdout
 
 
 def test_console_script_is_installed(venv, elsewhere):
