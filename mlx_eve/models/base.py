@@ -96,6 +96,17 @@ def _to_mlx_conv_layout(weight: mx.array, expected_shape: tuple) -> mx.array:
     return weight
 
 
+def patchify(conv: nn.Conv2d, x: mx.array) -> mx.array:
+    """``conv`` (kernel = stride, no padding) applied to ``x`` ``(B, H, W, C)`` as one matmul over the patches:
+    the same result, and on the CPU many times faster to train than MLX's convolution."""
+    out, k, _, channels = conv.weight.shape
+    B, H, W, _ = x.shape
+    h, w = H // k, W // k
+    patches = x[:, : h * k, : w * k].reshape(B, h, k, w, k, channels).transpose(0, 1, 3, 2, 4, 5)
+    y = patches.reshape(B, h, w, k * k * channels) @ conv.weight.reshape(out, -1).T
+    return y + conv.bias if "bias" in conv else y
+
+
 def image_sequence(cls_token: mx.array, grid: mx.array, split_embedding: mx.array) -> mx.array:
     """``[cls; row_1, split; row_2, split; ...]`` from a class token ``(C,)`` and a feature grid ``(h, w, C)``.
 

@@ -7,7 +7,7 @@ hands over only the region the reference's mask marks valid, so no cropping happ
 import mlx.core as mx
 import mlx.nn as nn
 
-from .base import image_sequence
+from .base import image_sequence, patchify
 
 
 class CrossAttention(nn.Module):
@@ -52,7 +52,7 @@ class PatchEmbedding(nn.Module):
     def __call__(self, pixels: mx.array) -> mx.array:
         """``pixels``: one normalised image ``(H, W, 3)``. Returns ``(1 + h*(w+1), dims)``."""
         dtype = self.patch_embedding.weight.dtype
-        x = self.patch_embedding(pixels[None].astype(dtype))[0]
+        x = patchify(self.patch_embedding, pixels[None].astype(dtype))[0]
         Hp, Wp, C = x.shape
         s = self.conv_stride
         h, w = Hp // s, Wp // s

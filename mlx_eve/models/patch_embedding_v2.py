@@ -6,7 +6,7 @@ Follows ``VisionTokenizer`` in EVEv2/eve/model/multimodal_encoder/vision_tokeniz
 import mlx.core as mx
 import mlx.nn as nn
 
-from .base import image_sequence
+from .base import image_sequence, patchify
 
 
 class PatchEmbedding(nn.Module):
@@ -23,7 +23,6 @@ class PatchEmbedding(nn.Module):
     def __call__(self, pixels: mx.array) -> mx.array:
         """``pixels``: one normalised image ``(H, W, 3)``. Returns ``(1 + h*(w+1), dims)``."""
         dtype = self.patch_embedding[0].weight.dtype
-        x = pixels[None].astype(dtype)
-        for layer in self.patch_embedding:
-            x = layer(x)
+        patches, activation, merge = self.patch_embedding
+        x = patchify(merge, activation(patchify(patches, pixels[None].astype(dtype))))
         return image_sequence(self.class_embedding, x[0], self.split_embedding)
