@@ -13,7 +13,7 @@ import math
 import sys
 import types
 from pathlib import Path
-from typing import TYPE_CHECKING, List, Optional
+from typing import TYPE_CHECKING, Callable, List, Optional
 
 import mlx.core as mx
 import yaml
@@ -224,7 +224,8 @@ def adapter_config(args: types.SimpleNamespace, model: "EVEModel") -> dict:
     return config
 
 
-def run(args: types.SimpleNamespace) -> None:
+def run(args: types.SimpleNamespace, loss: Optional[Callable] = None) -> None:
+    """Train and/or test as ``args`` say; ``loss`` replaces the answer loss in training (``trainer.train``)."""
     # mlx-lm (and transformers) load here, once the options are known to be good: --help stays instant.
     from mlx_lm.tuner.trainer import grad_checkpoint
 
@@ -277,6 +278,7 @@ def run(args: types.SimpleNamespace) -> None:
             adapter_path,
             resume=args.resume,
             report=say,
+            **({"loss": loss} if loss else {}),
         )
         if last < training.iters:  # stopped by Ctrl-C, checkpoint saved: exit 130 so scripts do not carry on
             raise KeyboardInterrupt

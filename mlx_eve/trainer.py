@@ -90,6 +90,9 @@ def batch_embeddings(model: EVEModel, batch: Batch) -> mx.array:
     return mx.stack(rows)
 
 
+Loss = Callable[[EVEModel, Batch], Tuple[mx.array, mx.array]]
+
+
 def loss_sum(model: EVEModel, batch: Batch) -> Tuple[mx.array, mx.array]:
     """Summed cross-entropy over the supervised tokens, and their count. Padding is never supervised and,
     being on the right of a causal model, never seen by a real token."""
@@ -222,12 +225,12 @@ def load_checkpoint(adapter_path: Path, model: EVEModel, optimizer: optim.Optimi
     return json.loads((folder / "state.json").read_text())["step"]
 
 
-def finite_loss_after_update(model: EVEModel, batch: Batch) -> float:
+def finite_loss_after_update(model: EVEModel, batch: Batch, loss: Loss = loss_sum) -> float:
     """The loss on ``batch`` with the current weights (no dropout), summed over all processes."""
     model.eval()
-    loss, tokens = loss_sum(model, batch)
+    summed, tokens = loss(model, batch)
     model.train()
-    total = mx.distributed.all_sum(mx.stack([loss, tokens.astype(mx.float32)]), stream=mx.cpu)
+    total = mx.distributed.all_sum(mx.stack([summed, tokens.astype(mx.float32)]), stream=mx.cpu)
     return (total[0] / mx.maximum(total[1], 1)).item()
 
 
@@ -296,8 +299,11 @@ def train(
     adapter_path: Path,
     resume: bool = False,
     report: Callable[[str], None] = print,
+    loss: Loss = loss_sum,
 ) -> int:
-    """Train ``model``'s trainable parameters; returns the last step done. Raises TrainingError on NaN."""
+    """Train ``model``'s trainable parameters; returns the last step done. Raises TrainingError on NaN.
+    ``loss`` (summed loss, supervised tokens) is what is minimised, as in mlx-lm's ``train``; validation
+    always reports the answer loss, ``loss_sum``."""
     group = mx.distributed.init()
     is_main = group.rank() == 0
     say = report if is_main else (lambda message: None)
@@ -308,7 +314,7 @@ def train(
     if resume:
         say(f"Resuming from step {start}.")
     order = BatchOrder(train_set, args.batch_size, args.seed)
-    loss_and_grad = nn.value_and_grad(model, lambda m, b, scale: loss_sum(m, b)[0] * scale)
+    loss_and_grad = nn.value_and_grad(model, lambda m, b, scale: loss(m, b)[0] * scale)
 
     def clip(grads):
         if args.max_grad_norm is None:
@@ -333,17 +339,17 @@ def train(
             tokens = mx.distributed.all_sum(batch.targets.sum(), stream=mx.cpu)
             # Each process's summed loss times the process count over the global token count: averaging
             # the gradients over processes gives exactly the gradient of the global mean.
-            loss, grads = loss_and_grad(model, batch, group.size() / mx.maximum(tokens, 1))
+            step_loss, grads = loss_and_grad(model, batch, group.size() / mx.maximum(tokens, 1))
             grads = nn.average_gradients(grads, group, communication_stream=mx.cpu)
-            loss = mx.distributed.all_sum(loss, stream=mx.cpu) / group.size()
+            step_loss = mx.distributed.all_sum(step_loss, stream=mx.cpu) / group.size()
             accumulated = grads if accumulated is None else tree_map(mx.add, accumulated, grads)
             if step % args.grad_accumulation_steps == 0:
                 if args.grad_accumulation_steps > 1:
                     accumulated = tree_map(lambda g: g / args.grad_accumulation_steps, accumulated)
                 optimizer.update(model, clip(accumulated))
                 accumulated = None
-            mx.eval(model.parameters(), optimizer.state, loss)
-            loss_value = loss.item()
+            mx.eval(model.parameters(), optimizer.state, step_loss)
+            loss_value = step_loss.item()
             if not math.isfinite(loss_value):
                 raise diverged(f"The loss became {loss_value} at step {step}", saved, adapter_path)
             watch.step(loss_value)
@@ -365,7 +371,7 @@ def train(
                 if accumulated is None:  # only between optimizer updates
                     # A checkpoint is good only if the loss on its weights is finite: the loss above was on
                     # the weights before this step's update.
-                    after = finite_loss_after_update(model, batch)
+                    after = finite_loss_after_update(model, batch, loss)
                     if not math.isfinite(after):
                         raise diverged(f"The loss became {after} after the update of step {step}", saved, adapter_path)
                     if is_main:
