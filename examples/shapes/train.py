@@ -176,6 +176,12 @@ def main() -> None:
         default=0.0,
         help="Fraction of training conversations ending with a left-to-right list of the shapes.",
     )
+    p.add_argument(
+        "--column-loss",
+        type=float,
+        default=0.0,
+        help="Weight of the auxiliary loss that teaches image tokens their column (column_loss.py; 0: none).",
+    )
     p.add_argument("--iters", type=int, default=2000)
     p.add_argument("--batch-size", type=int, default=16)
     # At 1e-3 the loss of shape questions stays at the answer prior, even on close-ups alone.
@@ -222,9 +228,9 @@ def main() -> None:
         args.max_size = args.max_size or 160
         initial_checkpoint(init, data, args)
     resume = ["--resume"] if (run_dir / "checkpoint" / "state.json").exists() else []
+    trainer = [str(HERE / "column_loss.py"), "--column-loss", str(args.column_loss)] if args.column_loss else []
     run(
-        "-m",
-        "mlx_eve.lora",
+        *(trainer or ["-m", "mlx_eve.lora"]),
         "--model",
         str(init),
         "--train",
