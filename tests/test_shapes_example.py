@@ -181,6 +181,27 @@ def test_close_ups_show_one_filling_shape_in_training_only(tmp_path):
     assert max(widest["valid"] + widest["test"]) < 0.5
 
 
+def test_lone_positions_ask_one_shape_its_side_in_training_only(tmp_path):
+    root = _generate(tmp_path / "lone", "--seed", "7", "--train-turns", "3", "--lone-positions", "0.5")
+    lone = {}
+    for split, samples in _samples(root).items():
+        lone[split] = 0
+        for s in samples:
+            width, objects = _read_objects(root / s["image"])
+            turns = s["conversations"]
+            for question, answer in zip(turns[::2], turns[1::2], strict=True):
+                kind, expected = _answer_from_pixels(question["value"].replace("<image>\n", ""), objects, width)
+                assert answer["value"] == expected, f"{s['image']}: {question['value']!r} → {answer['value']!r}"
+            if split == "train" and len(turns) == 2:  # the other training conversations hold 3 questions
+                assert len(objects) == 1 and kind == s["question_type"] == "position"
+                short = min(Image.open(root / s["image"]).size)
+                assert objects[0]["width"] / short < 0.5  # the usual sizes, not a close-up
+                lone[split] += 1
+    assert 10 <= lone["train"] <= 30, lone
+    with pytest.raises(SystemExit, match="add up to at most 1"):
+        make_dataset.main(["--out", str(tmp_path / "x"), "--close-ups", "0.6", "--lone-positions", "0.5"])
+
+
 def test_descriptions_list_the_shapes_left_to_right_and_eval_turns_add_history(tmp_path):
     root = _generate(tmp_path / "described", "--seed", "6", "--descriptions", "0.5", "--eval-turns", "2")
     described = 0

@@ -136,6 +136,15 @@ def close_up(rng: np.random.Generator, image_size: Tuple[int, int]) -> Scene:
     return Scene(width, height, (Shape(kind, colour, "big", _random_box(rng, kind, side, width, height)),))
 
 
+def lone_position(rng: np.random.Generator, image_size: Tuple[int, int]) -> Tuple[Scene, List[QA]]:
+    """One shape of the usual sizes, away from the middle, and the question of its side."""
+    while True:
+        scene = random_scene(rng, image_size, 1)
+        found = questions(scene, "position", rng)
+        if found:
+            return scene, found
+
+
 def _random_box(rng: np.random.Generator, kind: str, side: int, width: int, height: int) -> Tuple[int, int, int, int]:
     """A random place for a shape ``side`` pixels wide (triangles are equilateral, so less tall), off the border."""
     box_height = round(side * math.sqrt(3) / 2) if kind == "triangle" else side
@@ -245,6 +254,7 @@ def make_record(
     fmt: str,
     turns: int = 1,
     close_ups: float = 0.0,
+    lone_positions: float = 0.0,
     descriptions: float = 0.0,
 ) -> dict:
     # The type and answer of sample i cycle through all combinations, so both are balanced exactly.
@@ -253,11 +263,15 @@ def make_record(
     answer = answers[(index // len(tasks)) % len(answers)]
     # Every sample has its own random stream: results do not depend on the number of samples or workers.
     rng = np.random.default_rng([seed, SPLITS.index(split), index])
-    if np.random.default_rng([seed, SPLITS.index(split), index, 1]).random() < close_ups:
+    curriculum = np.random.default_rng([seed, SPLITS.index(split), index, 1]).random()
+    if curriculum < close_ups:
         scene = close_up(rng, image_size)
         typed = [(t, qa) for t in tasks for qa in questions(scene, t, rng)]
         typed = [typed[i] for i in rng.permutation(len(typed))[:turns]]
         task, qas = typed[-1][0], [qa for _, qa in typed]
+    elif curriculum < close_ups + lone_positions:
+        scene, found = lone_position(rng, image_size)
+        task, qas = "position", found
     else:
         scene, qas = make_sample(rng, task, answer, tasks, image_size, turns)
     if np.random.default_rng([seed, SPLITS.index(split), index, 2]).random() < descriptions:
@@ -289,6 +303,7 @@ def write_split(
     workers: int = 1,
     turns: int = 1,
     close_ups: float = 0.0,
+    lone_positions: float = 0.0,
     descriptions: float = 0.0,
 ) -> Path:
     """Write ``count`` samples of ``split`` (images and ``<split>.jsonl``, in shuffled order) into ``out``."""
@@ -303,6 +318,7 @@ def write_split(
         fmt=fmt,
         turns=turns,
         close_ups=close_ups,
+        lone_positions=lone_positions,
         descriptions=descriptions,
     )
     if workers > 1:
@@ -357,6 +373,13 @@ def build_parser() -> argparse.ArgumentParser:
         "training from scratch; validation and test images never are).",
     )
     p.add_argument(
+        "--lone-positions",
+        type=float,
+        default=0.0,
+        help="Fraction of training images showing one shape of the usual sizes, asked only which side it is on "
+        "(a curriculum aid for position questions; validation and test images never are).",
+    )
+    p.add_argument(
         "--descriptions",
         type=float,
         default=0.0,
@@ -372,6 +395,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     unknown = sorted(set(tasks) - set(TASKS))
     if unknown or not tasks:
         sys.exit(f"error: unknown or missing task(s) {unknown}; choose from {', '.join(TASKS)}")
+    if not (0 <= args.close_ups and 0 <= args.lone_positions and args.close_ups + args.lone_positions <= 1):
+        sys.exit("error: --close-ups and --lone-positions must be >= 0 and add up to at most 1")
     low, high = args.image_size
     if not 64 <= low <= high:
         sys.exit("error: --image-size needs 64 <= MIN <= MAX")
@@ -389,6 +414,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             workers=args.workers,
             turns=args.train_turns if split == "train" else args.eval_turns,
             close_ups=args.close_ups if split == "train" else 0.0,
+            lone_positions=args.lone_positions if split == "train" else 0.0,
             descriptions=args.descriptions if split == "train" else 0.0,
         )
         seconds = time.perf_counter() - start

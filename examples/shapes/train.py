@@ -171,6 +171,12 @@ def main() -> None:
         "--close-ups", type=float, default=0.25, help="Fraction of training images showing one shape up close."
     )
     p.add_argument(
+        "--lone-positions",
+        type=float,
+        default=0.0,
+        help="Fraction of training images showing one shape, asked only which side it is on.",
+    )
+    p.add_argument(
         "--descriptions",
         type=float,
         default=0.0,
@@ -219,6 +225,8 @@ def main() -> None:
             str(args.train_turns),
             "--close-ups",
             str(args.close_ups),
+            "--lone-positions",
+            str(args.lone_positions),
             "--descriptions",
             str(args.descriptions),
         )
