@@ -43,6 +43,18 @@ def test_each_image_token_gets_its_place_in_its_row():
     assert index.tolist() == [0, 1, 2, 3, 0, 1, 2, 3]
     # Second row only, separator left out, the middle patch (centre 1.5 of a 3-wide row) skipped.
     assert halves.tolist() == [[1, 8, -1], [1, 10, 1]]
+    text_only = Batch(mx.array(ids[:1]), mx.zeros((1, 13), mx.bool_), [[]], [14])
+    assert [len(a) for a in column_loss.place_targets(text_only, stride=32)] == [0, 0, 0, 0]
+
+
+def test_a_batch_without_images_costs_the_answer_loss_alone(v2_model):
+    model, _ = v2_model
+    ids = mx.array([[5, 6, 7, 8, 9, 10]])
+    batch = Batch(ids, mx.array([[False, False, True, True, True]]), [[]], [6])
+    total, tokens = column_loss.column_loss(1.0)(model, batch)
+    expected, expected_tokens = loss_sum(model, batch)
+    assert tokens.item() == expected_tokens.item() == 3
+    assert total.item() == pytest.approx(expected.item(), rel=1e-5)
 
 
 def _refitted_error(states: np.ndarray, targets: np.ndarray) -> float:

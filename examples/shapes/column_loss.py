@@ -39,7 +39,7 @@ def place_targets(batch: Batch, stride: int) -> Tuple[np.ndarray, np.ndarray, np
     """Every image token's (sample, position, index within its row), and the half-of-row targets: (sample,
     position, -1 left / +1 right) for the patches of rows after the first, skipping the one or two patches
     at the middle."""
-    places, halves = [], []
+    places, halves = [np.zeros((0, 3), np.int64)], [np.zeros((0, 3), np.int64)]
     for b, (ids, images) in enumerate(zip(np.asarray(batch.input_ids), batch.pixel_values)):
         for (start, _), pixels in zip(image_spans(ids), images):
             h, w = pixels.shape[0] // stride, pixels.shape[1] // stride
@@ -75,15 +75,15 @@ def column_loss(weight: float) -> Loss:
         h, errors = embeddings, []
         for depth, layer in enumerate(model.model.layers, 1):
             h = layer(h, mask, None, modality)
-            if depth == 1:
+            if depth == 1 and len(index) > 1:  # a batch without images (or rows to halve) adds nothing
                 errors.append(unexplained(h[mx.array(samples), mx.array(positions)], mx.array(index)[:, None]))
-            elif depth == 2:
+            elif depth == 2 and len(halves) > 1:
                 side = mx.array(halves[:, 2].astype(np.float32))[:, None]
                 errors.append(unexplained(h[mx.array(halves[:, 0]), mx.array(halves[:, 1])], side))
         logits = model.lm_head(model.model.norm(h))[..., : model.vocab_limit]
         answer = nn.losses.cross_entropy(logits.astype(mx.float32), batch.input_ids[:, 1:]) * batch.targets
         tokens = batch.targets.sum()
-        return answer.sum() + weight * sum(errors) * tokens, tokens
+        return answer.sum() + weight * sum(errors, mx.array(0.0)) * tokens, tokens
 
     return loss
 
