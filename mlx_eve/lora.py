@@ -232,7 +232,7 @@ def run(args: types.SimpleNamespace, loss: Optional[Callable] = None) -> None:
     from .adapters import load_adapters, prepare_model
     from .data import DataError, load_splits
     from .loading import load
-    from .trainer import evaluate, find_checkpoint, parameter_counts, train, training_args
+    from .trainer import evaluate, find_checkpoint, loss_sum, parameter_counts, train, training_args
 
     group = mx.distributed.init()
     say = print if group.rank() == 0 else (lambda *a, **k: None)
@@ -278,7 +278,7 @@ def run(args: types.SimpleNamespace, loss: Optional[Callable] = None) -> None:
             adapter_path,
             resume=args.resume,
             report=say,
-            **({"loss": loss} if loss else {}),
+            loss=loss or loss_sum,
         )
         if last < training.iters:  # stopped by Ctrl-C, checkpoint saved: exit 130 so scripts do not carry on
             raise KeyboardInterrupt

@@ -97,7 +97,12 @@ def loss_sum(model: EVEModel, batch: Batch) -> Tuple[mx.array, mx.array]:
     """Summed cross-entropy over the supervised tokens, and their count. Padding is never supervised and,
     being on the right of a causal model, never seen by a real token."""
     embeddings = batch_embeddings(model, batch)
-    logits = model(batch.input_ids[:, :-1], input_embeddings=embeddings[:, :-1])
+    return answer_loss(model(batch.input_ids[:, :-1], input_embeddings=embeddings[:, :-1]), batch)
+
+
+def answer_loss(logits: mx.array, batch: Batch) -> Tuple[mx.array, mx.array]:
+    """Summed cross-entropy of ``logits`` (for every position but the last) over the supervised tokens, and
+    their count."""
     ce = nn.losses.cross_entropy(logits.astype(mx.float32), batch.input_ids[:, 1:]) * batch.targets
     return ce.sum(), batch.targets.sum()
 

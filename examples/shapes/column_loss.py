@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import List, Optional, Tuple
 
 import mlx.core as mx
-import mlx.nn as nn
 import numpy as np
 from mlx_lm.models.base import create_attention_mask
 
@@ -30,7 +29,7 @@ from mlx_eve.loading import read_config
 from mlx_eve.lora import resolve_args, run
 from mlx_eve.models.base import image_spans
 from mlx_eve.models.eve_qwen2 import Modality
-from mlx_eve.trainer import Batch, Loss, batch_embeddings
+from mlx_eve.trainer import Batch, Loss, answer_loss, batch_embeddings
 
 RIDGE = 1e-3  # relative to the mean squared hidden state: keeps the fit well posed, barely biased
 
@@ -80,10 +79,8 @@ def column_loss(weight: float) -> Loss:
             elif depth == 2 and len(halves) > 1:
                 side = mx.array(halves[:, 2].astype(np.float32))[:, None]
                 errors.append(unexplained(h[mx.array(halves[:, 0]), mx.array(halves[:, 1])], side))
-        logits = model.lm_head(model.model.norm(h))[..., : model.vocab_limit]
-        answer = nn.losses.cross_entropy(logits.astype(mx.float32), batch.input_ids[:, 1:]) * batch.targets
-        tokens = batch.targets.sum()
-        return answer.sum() + weight * sum(errors, mx.array(0.0)) * tokens, tokens
+        answer, tokens = answer_loss(model.logits(model.model.norm(h)), batch)
+        return answer + weight * sum(errors, mx.array(0.0)) * tokens, tokens
 
     return loss
 

@@ -236,9 +236,9 @@ def main() -> None:
         args.max_size = args.max_size or 160
         initial_checkpoint(init, data, args)
     resume = ["--resume"] if (run_dir / "checkpoint" / "state.json").exists() else []
-    trainer = [str(HERE / "column_loss.py"), "--column-loss", str(args.column_loss)] if args.column_loss else []
+    column_loss = [str(HERE / "column_loss.py"), "--column-loss", str(args.column_loss)]
     run(
-        *(trainer or ["-m", "mlx_eve.lora"]),
+        *(column_loss if args.column_loss else ["-m", "mlx_eve.lora"]),
         "--model",
         str(init),
         "--train",

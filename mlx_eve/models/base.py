@@ -137,11 +137,14 @@ class EVEModel(nn.Module):
         self.vocab_limit: Optional[int] = None
 
     def __call__(self, inputs: mx.array, cache=None, input_embeddings: Optional[mx.array] = None) -> mx.array:
-        out = self.model(inputs, cache, input_embeddings)
+        return self.logits(self.model(inputs, cache, input_embeddings))
+
+    def logits(self, hidden: mx.array) -> mx.array:
+        """The LM head on the decoder's normed output, cut to the tokenizer's vocabulary."""
         if self.args.tie_word_embeddings:
-            logits = self.model.embed_tokens.as_linear(out)
+            logits = self.model.embed_tokens.as_linear(hidden)
         else:
-            logits = self.lm_head(out)
+            logits = self.lm_head(hidden)
         if self.vocab_limit is not None and self.vocab_limit < logits.shape[-1]:
             logits = logits[..., : self.vocab_limit]
         return logits
