@@ -1,12 +1,10 @@
 """examples/shapes/column_loss.py: the auxiliary loss that teaches image tokens their column, and the
 trainer's ``loss`` hook it goes through."""
 
-import importlib.util
-from pathlib import Path
-
 import mlx.core as mx
 import numpy as np
 import pytest
+from shapes_example import import_example
 from test_finetune import _training_args, write_dataset
 
 from mlx_eve import load
@@ -14,17 +12,7 @@ from mlx_eve.data import load_splits
 from mlx_eve.models import IMAGE_TOKEN_ID
 from mlx_eve.trainer import Batch, loss_sum, train
 
-SHAPES_DIR = Path(__file__).resolve().parent.parent / "examples" / "shapes"
-
-
-def _import(name: str):
-    spec = importlib.util.spec_from_file_location(f"shapes_{name}", SHAPES_DIR / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-column_loss = _import("column_loss")
+column_loss = import_example("column_loss")
 
 
 @pytest.fixture(scope="module")

@@ -1,12 +1,12 @@
 """The bundled demo model (mlx_eve/assets/eve-shapes, trained by examples/shapes/train.py) gives right
 answers: the README's first command about the bundled image, and questions about images drawn afresh."""
 
-import importlib.util
 import subprocess
 import sys
 
 import pytest
 from bundled_image import FACTS, IMAGE, README_ANSWER, README_QUESTION, ROOT, readme_first_command
+from shapes_example import SHAPES_DIR, import_example
 
 from mlx_eve import generate, load
 from mlx_eve.app import EXAMPLE_QUESTIONS
@@ -54,10 +54,8 @@ def test_answers_are_words_of_the_right_kind(demo_model, question):
 def test_held_out_accuracy_on_images_drawn_afresh(demo_model, tmp_path):
     """A seed the training script never used; the threshold is well below the model's measured accuracy on
     its 1000-image test split (see mlx_eve/assets/eve-shapes/README.md), to catch a broken model or pipeline."""
-    spec = importlib.util.spec_from_file_location("shapes_evaluate", ROOT / "examples" / "shapes" / "evaluate.py")
-    shapes_eval = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(shapes_eval)
-    make = [sys.executable, str(ROOT / "examples" / "shapes" / "make_dataset.py"), "--out", str(tmp_path)]
+    shapes_eval = import_example("evaluate")
+    make = [sys.executable, str(SHAPES_DIR / "make_dataset.py"), "--out", str(tmp_path)]
     subprocess.run(
         [*make, "--train", "4", "--valid", "4", "--test", "80", "--seed", "2026", "--workers", "1"], check=True
     )

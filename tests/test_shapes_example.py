@@ -1,7 +1,6 @@
 """examples/shapes: the generated answers agree with the saved pixels, and the evaluator scores correctly."""
 
 import hashlib
-import importlib.util
 import json
 from collections import Counter
 from pathlib import Path
@@ -9,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from shapes_example import import_example
 
 from mlx_eve import answering
 
-SHAPES_DIR = Path(__file__).resolve().parent.parent / "examples" / "shapes"
 VOCABULARY = {
     "colour": {"red", "green", "blue", "yellow", "purple"},
     "shape": {"circle", "square", "triangle"},
@@ -23,15 +22,8 @@ VOCABULARY = {
 ARGS = ["--train", "40", "--valid", "15", "--test", "15", "--image-size", "96", "160", "--workers", "1"]
 
 
-def _import(name: str):
-    spec = importlib.util.spec_from_file_location(f"shapes_{name}", SHAPES_DIR / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-make_dataset = _import("make_dataset")
-shapes_eval = _import("evaluate")
+make_dataset = import_example("make_dataset")
+shapes_eval = import_example("evaluate")
 
 
 def _generate(out: Path, *extra: str) -> Path:
@@ -145,18 +137,25 @@ def test_records_are_well_formed_and_balanced(dataset):
     assert any(len(s["conversations"]) == 4 for samples in _samples(dataset).values() for s in samples)
 
 
+def _answers_checked_against_pixels(root: Path, sample: dict):
+    """Assert each answer of ``sample`` is what its image shows; returns its question kinds and the objects."""
+    width, objects = _read_objects(root / sample["image"])
+    turns, kinds = sample["conversations"], []
+    for question, answer in zip(turns[::2], turns[1::2], strict=True):
+        kind, expected = _answer_from_pixels(question["value"].replace("<image>\n", ""), objects, width)
+        assert answer["value"] == expected, f"{sample['image']}: {question['value']!r} → {answer['value']!r}"
+        kinds.append(kind)
+    return kinds, objects
+
+
 def test_answers_agree_with_the_pixels(dataset):
     checked = Counter()
     for samples in _samples(dataset).values():
         for s in samples:
-            width, objects = _read_objects(dataset / s["image"])
+            kinds, objects = _answers_checked_against_pixels(dataset, s)
             assert 1 <= len(objects) <= 4
-            turns = s["conversations"]
-            for question, answer in zip(turns[::2], turns[1::2], strict=True):
-                kind, expected = _answer_from_pixels(question["value"].replace("<image>\n", ""), objects, width)
-                assert answer["value"] == expected, f"{s['image']}: {question['value']!r} → {answer['value']!r}"
-                checked[kind] += 1
-            assert kind == s["question_type"]
+            checked.update(kinds)
+            assert kinds[-1] == s["question_type"]
     assert set(checked) == set(VOCABULARY)
 
 
@@ -168,12 +167,8 @@ def test_close_ups_show_one_filling_shape_in_training_only(tmp_path):
     for split, samples in _samples(root).items():
         widest[split] = []
         for s in samples:
-            width, objects = _read_objects(root / s["image"])
-            turns = s["conversations"]
-            for question, answer in zip(turns[::2], turns[1::2], strict=True):
-                kind, expected = _answer_from_pixels(question["value"].replace("<image>\n", ""), objects, width)
-                assert answer["value"] == expected, f"{s['image']}: {question['value']!r} → {answer['value']!r}"
-            assert kind == s["question_type"]
+            kinds, objects = _answers_checked_against_pixels(root, s)
+            assert kinds[-1] == s["question_type"]
             short = min(Image.open(root / s["image"]).size)
             widest[split].append(max(o["width"] for o in objects) / short if len(objects) == 1 else 0)
     close_ups = sum(w >= 0.59 for w in widest["train"])
@@ -187,13 +182,9 @@ def test_lone_positions_ask_one_shape_its_side_in_training_only(tmp_path):
     for split, samples in _samples(root).items():
         lone[split] = 0
         for s in samples:
-            width, objects = _read_objects(root / s["image"])
-            turns = s["conversations"]
-            for question, answer in zip(turns[::2], turns[1::2], strict=True):
-                kind, expected = _answer_from_pixels(question["value"].replace("<image>\n", ""), objects, width)
-                assert answer["value"] == expected, f"{s['image']}: {question['value']!r} → {answer['value']!r}"
-            if split == "train" and len(turns) == 2:  # the other training conversations hold 3 questions
-                assert len(objects) == 1 and kind == s["question_type"] == "position"
+            kinds, objects = _answers_checked_against_pixels(root, s)
+            if split == "train" and len(kinds) == 1:  # the other training conversations hold 3 questions
+                assert len(objects) == 1 and kinds == [s["question_type"]] == ["position"]
                 short = min(Image.open(root / s["image"]).size)
                 assert objects[0]["width"] / short < 0.5  # the usual sizes, not a close-up
                 lone[split] += 1
@@ -300,7 +291,7 @@ def test_training_continues_at_a_new_resolution(tmp_path):
     from mlx_eve import load
     from mlx_eve.demo import BUNDLED_MODEL
 
-    train = _import("train")
+    train = import_example("train")
     stored = json.loads((BUNDLED_MODEL / "preprocessor_config.json").read_text())["max_size"]
     assert train.at_resolution(BUNDLED_MODEL, stored, tmp_path / "same") == BUNDLED_MODEL
     assert not (tmp_path / "same").exists()
