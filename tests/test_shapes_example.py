@@ -176,21 +176,23 @@ def test_close_ups_show_one_filling_shape_in_training_only(tmp_path):
     assert max(widest["valid"] + widest["test"]) < 0.5
 
 
-def test_lone_positions_ask_one_shape_its_side_in_training_only(tmp_path):
-    root = _generate(tmp_path / "lone", "--seed", "7", "--train-turns", "3", "--lone-positions", "0.5")
-    lone = {}
-    for split, samples in _samples(root).items():
-        lone[split] = 0
-        for s in samples:
-            kinds, objects = _answers_checked_against_pixels(root, s)
-            if split == "train" and len(kinds) == 1:  # the other training conversations hold 3 questions
-                assert len(objects) == 1 and kinds == [s["question_type"]] == ["position"]
-                short = min(Image.open(root / s["image"]).size)
-                assert objects[0]["width"] / short < 0.5  # the usual sizes, not a close-up
-                lone[split] += 1
-    assert 10 <= lone["train"] <= 30, lone
+def test_position_drills_ask_one_or_two_shapes_their_sides(tmp_path):
+    extra = ("--seed", "7", "--train-turns", "3", "--lone-positions", "0.3", "--paired-positions", "0.3")
+    root = _generate(tmp_path / "drills", *extra)
+    drills = Counter()
+    for s in _samples(root)["train"]:
+        kinds, objects = _answers_checked_against_pixels(root, s)
+        if set(kinds) == {"position"}:  # every other conversation asks another type too (count always can)
+            assert len(kinds) == len(objects) and s["question_type"] == "position"
+            short = min(Image.open(root / s["image"]).size)
+            assert max(o["width"] for o in objects) / short < 0.5  # the usual sizes, not a close-up
+            assert len({m["value"] for m in s["conversations"][1::2]}) == len(objects)  # a pair: one on each side
+            drills[len(objects)] += 1
+    assert set(drills) == {1, 2} and all(5 <= n <= 20 for n in drills.values()), drills
     with pytest.raises(SystemExit, match="add up to at most 1"):
-        make_dataset.main(["--out", str(tmp_path / "x"), "--close-ups", "0.6", "--lone-positions", "0.5"])
+        make_dataset.main(["--out", str(tmp_path / "x"), "--close-ups", "0.6", "--paired-positions", "0.5"])
+    with pytest.raises(SystemExit, match="must be >= 0"):
+        make_dataset.main(["--out", str(tmp_path / "x"), "--paired-positions", "-0.1"])
 
 
 def test_descriptions_list_the_shapes_left_to_right_and_eval_turns_add_history(tmp_path):

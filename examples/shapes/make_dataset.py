@@ -136,13 +136,14 @@ def close_up(rng: np.random.Generator, image_size: Tuple[int, int]) -> Scene:
     return Scene(width, height, (Shape(kind, colour, "big", _random_box(rng, kind, side, width, height)),))
 
 
-def lone_position(rng: np.random.Generator, image_size: Tuple[int, int]) -> Tuple[Scene, List[QA]]:
-    """One shape of the usual sizes, away from the middle, and the question of its side."""
+def position_drill(rng: np.random.Generator, image_size: Tuple[int, int], count: int) -> Tuple[Scene, List[QA]]:
+    """``count`` shapes (1 or 2) of the usual sizes away from the middle, two on opposite sides, and the question
+    of each one's side, in random order."""
     while True:
-        scene = random_scene(rng, image_size, 1)
-        found = questions(scene, "position", rng)
-        if found:
-            return scene, found
+        scene = random_scene(rng, image_size, count)
+        found = questions(scene, "position", rng) if scene else []
+        if len(found) == count and len({side for _, side in found}) == count:
+            return scene, [found[i] for i in rng.permutation(count)]
 
 
 def _random_box(rng: np.random.Generator, kind: str, side: int, width: int, height: int) -> Tuple[int, int, int, int]:
@@ -255,6 +256,7 @@ def make_record(
     turns: int = 1,
     close_ups: float = 0.0,
     lone_positions: float = 0.0,
+    paired_positions: float = 0.0,
     descriptions: float = 0.0,
 ) -> dict:
     # The type and answer of sample i cycle through all combinations, so both are balanced exactly.
@@ -269,9 +271,9 @@ def make_record(
         typed = [(t, qa) for t in tasks for qa in questions(scene, t, rng)]
         typed = [typed[i] for i in rng.permutation(len(typed))[:turns]]
         task, qas = typed[-1][0], [qa for _, qa in typed]
-    elif curriculum < close_ups + lone_positions:
-        scene, found = lone_position(rng, image_size)
-        task, qas = "position", found
+    elif curriculum < close_ups + lone_positions + paired_positions:
+        task = "position"
+        scene, qas = position_drill(rng, image_size, 1 if curriculum < close_ups + lone_positions else 2)
     else:
         scene, qas = make_sample(rng, task, answer, tasks, image_size, turns)
     if np.random.default_rng([seed, SPLITS.index(split), index, 2]).random() < descriptions:
@@ -304,6 +306,7 @@ def write_split(
     turns: int = 1,
     close_ups: float = 0.0,
     lone_positions: float = 0.0,
+    paired_positions: float = 0.0,
     descriptions: float = 0.0,
 ) -> Path:
     """Write ``count`` samples of ``split`` (images and ``<split>.jsonl``, in shuffled order) into ``out``."""
@@ -319,6 +322,7 @@ def write_split(
         turns=turns,
         close_ups=close_ups,
         lone_positions=lone_positions,
+        paired_positions=paired_positions,
         descriptions=descriptions,
     )
     if workers > 1:
@@ -380,6 +384,13 @@ def build_parser() -> argparse.ArgumentParser:
         "(a curriculum aid for position questions; validation and test images never are).",
     )
     p.add_argument(
+        "--paired-positions",
+        type=float,
+        default=0.0,
+        help="Fraction of training images showing two shapes on opposite sides, each asked which side it is on "
+        "(a curriculum aid for finding the shape a position question names; validation and test images never are).",
+    )
+    p.add_argument(
         "--descriptions",
         type=float,
         default=0.0,
@@ -395,8 +406,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     unknown = sorted(set(tasks) - set(TASKS))
     if unknown or not tasks:
         sys.exit(f"error: unknown or missing task(s) {unknown}; choose from {', '.join(TASKS)}")
-    if not (0 <= args.close_ups and 0 <= args.lone_positions and args.close_ups + args.lone_positions <= 1):
-        sys.exit("error: --close-ups and --lone-positions must be >= 0 and add up to at most 1")
+    curricula = (args.close_ups, args.lone_positions, args.paired_positions)
+    if min(curricula) < 0 or sum(curricula) > 1:
+        sys.exit("error: --close-ups, --lone-positions and --paired-positions must be >= 0 and add up to at most 1")
     low, high = args.image_size
     if not 64 <= low <= high:
         sys.exit("error: --image-size needs 64 <= MIN <= MAX")
@@ -415,6 +427,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             turns=args.train_turns if split == "train" else args.eval_turns,
             close_ups=args.close_ups if split == "train" else 0.0,
             lone_positions=args.lone_positions if split == "train" else 0.0,
+            paired_positions=args.paired_positions if split == "train" else 0.0,
             descriptions=args.descriptions if split == "train" else 0.0,
         )
         seconds = time.perf_counter() - start

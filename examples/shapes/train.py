@@ -177,6 +177,12 @@ def main() -> None:
         help="Fraction of training images showing one shape, asked only which side it is on.",
     )
     p.add_argument(
+        "--paired-positions",
+        type=float,
+        default=0.0,
+        help="Fraction of training images showing two shapes on opposite sides, each asked which side it is on.",
+    )
+    p.add_argument(
         "--descriptions",
         type=float,
         default=0.0,
@@ -227,6 +233,8 @@ def main() -> None:
             str(args.close_ups),
             "--lone-positions",
             str(args.lone_positions),
+            "--paired-positions",
+            str(args.paired_positions),
             "--descriptions",
             str(args.descriptions),
         )
