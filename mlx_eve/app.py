@@ -38,7 +38,7 @@ if TYPE_CHECKING:
 INSTALL_HINT = "The chat app needs Gradio: pip install 'mlx-eve[app]'"
 EXAMPLE_QUESTIONS = {
     # What the bundled demo model (trained on examples/shapes) was taught to answer.
-    "shapes.png": ["What colour is the triangle?", "What shape is the green object?", "What shape is the red object?"],
+    "shapes.png": ["How many shapes are there?", "What colour is the circle?", "What shape is the blue object?"],
 }
 TEXT_EXAMPLE = "Hello! What can you help me with?"
 NO_STATS = "Statistics of the last answer appear here."
