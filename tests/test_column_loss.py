@@ -1,15 +1,20 @@
 """examples/shapes/column_loss.py: the auxiliary loss that teaches image tokens their column, and the
 trainer's ``loss`` hook it goes through."""
 
+import math
+
 import mlx.core as mx
 import numpy as np
 import pytest
+from mlx_lm.models.base import create_attention_mask
+from PIL import Image
 from shapes_example import import_example
 from test_finetune import _training_args, write_dataset
 
 from mlx_eve import load
 from mlx_eve.data import load_splits
 from mlx_eve.models import IMAGE_TOKEN_ID
+from mlx_eve.models.eve_qwen2 import Modality, route
 from mlx_eve.trainer import Batch, loss_sum, train
 
 column_loss = import_example("column_loss")
@@ -74,6 +79,55 @@ def test_the_read_out_error_and_its_gradient_match_a_refitted_read_out():
     assert float(np.sum(gradient * direction)) == pytest.approx(numeric, rel=2e-2)
 
 
+def test_the_binding_targets_are_the_named_and_the_other_shapes_tokens():
+    # A 96x64 image (3 tokens and a separator in each of 2 rows, after the class token at position 1): a red
+    # block fills token (0, 1), a blue one token (1, 0). Then two questions naming red and blue, answered by a
+    # side word (60), and one answered by another word (61).
+    red, blue, side, other = 50, 51, 60, 61
+    binding = column_loss.Binding(
+        1.0, {red: (220, 45, 45), blue: (40, 90, 220)}, {side}, np.full(3, 0.5), np.full(3, 0.5)
+    )
+    pixels = np.full((64, 96, 3), 240.0)
+    pixels[0:32, 32:64] = (220, 45, 45)
+    pixels[32:64, 0:32] = (40, 90, 220)
+    pixels[40:44, 4:8] = (220, 45, 45)  # 16 red pixels in token (1, 0): too few to count
+    ids = [7, IMAGE_TOKEN_ID] + [IMAGE_TOKEN_ID] * 8 + [7, red, 8, side, 9, blue, 8, side, 9, red, 8, other, 9]
+    targets = np.zeros(len(ids) - 1, bool)
+    for answer in (13, 17, 21):  # the answers' tokens, each predicted from the position before it
+        targets[answer - 1 : answer + 1] = True
+    batch = Batch(mx.array([ids]), mx.array(targets[None]), [[mx.array((pixels / 255 - 0.5) / 0.5)]], [len(ids)])
+    found = binding.targets(batch, stride=32)
+    assert [(b, j) for b, j, _, _ in found] == [(0, 12), (0, 16)]
+    red_token, blue_token = 1 + 1 + 0 * 4 + 1, 1 + 1 + 1 * 4 + 0
+    for (_, _, named, others), (n, o) in zip(found, [(red_token, blue_token), (blue_token, red_token)]):
+        assert np.flatnonzero(named).tolist() == [n] and np.flatnonzero(others).tolist() == [o]
+
+
+def test_the_binding_error_is_minus_log_the_named_share():
+    attention = mx.array([[[0.1, 0.2, 0.3, 0.4], [0.25, 0.25, 0.25, 0.25]]])  # one answer, two heads
+    named, others = mx.array([[0.0, 1.0, 0.0, 0.0]]), mx.array([[0.0, 0.0, 1.0, 1.0]])
+    expected = (-math.log(0.2 / 0.9) - math.log(0.25 / 0.75)) / 2
+    assert column_loss.binding_error(attention, named, others).item() == pytest.approx(expected, rel=1e-3)
+
+
+def test_the_attention_read_is_the_layers_own(v2_model):
+    """Weighting the layer's values by the probabilities gives the output of its fused attention."""
+    model, processor = v2_model
+    inputs = processor("What is it?", [Image.new("RGB", (96, 64), (200, 30, 30))])
+    ids = mx.array(inputs.input_ids)[None]
+    x = model.embed_inputs(ids[0], inputs.pixel_values)[None]
+    modality, layer = Modality.of(ids), model.model.layers[-1]
+    queries, keys, values = route(modality, layer._project, x)
+    fused = layer.self_attn(queries, keys, values, create_attention_mask(x, None))
+    attention = model.model.layers[-1].self_attn
+    positions = mx.array([ids.shape[1] - 1, 5])
+    probabilities = column_loss.attention_from(layer, x, modality, mx.array([0, 0]), positions)
+    values = mx.repeat(values.reshape(1, -1, attention.n_kv_heads, values.shape[-1] // attention.n_kv_heads), 2, 2)
+    read = mx.einsum("nhl,lhd->nhd", probabilities, values[0]).reshape(2, -1)
+    np.testing.assert_allclose(np.asarray(read), np.asarray(fused[0, positions]), atol=1e-4)
+    assert np.asarray(probabilities)[1, :, 6:].max() == 0  # causal
+
+
 def test_the_trainer_minimises_the_loss_it_is_given(v2_path, dataset, tmp_path):
     model, processor = load(str(v2_path))
     model.freeze()
@@ -108,6 +162,7 @@ def test_the_command_adds_the_column_errors_to_the_answer_loss(v2_path, dataset,
     "argv, message",
     [
         (["--column-loss", "-1"], "--column-loss must be in [0, 10]"),
+        (["--column-loss", "0.1", "--binding-loss", "11"], "--binding-loss must be in [0, 10]"),
         (["--column-loss", "0.1", "--model", "v1"], "for EVEv2 models"),
     ],
 )

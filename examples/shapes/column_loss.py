@@ -9,29 +9,46 @@ row it is in (rows after the first: a token of the first row cannot know the row
 read-out is the least-squares fit on the batch itself, so it has no weights of its own; by the envelope
 theorem the gradient of the fitted error is that of the error with the fitted read-out held fixed.
 
-    python examples/shapes/column_loss.py --column-loss 0.1 --model M --train --data D ...
+Knowing its column, a shape's token still has to be found by the question that names it: with two shapes, one
+on each side, the demo model answered "left or right" at chance, its last layer looking at both shapes alike.
+``--binding-loss`` adds, for each answer to a position question, how little of the last layer's attention from
+the answer's position (each head's, among the attention it gives to shapes) lands on the shapes of the colour
+the question names: the mean of -log(that share). The shapes are found in the pixels, the colour in the
+question's words.
+
+    python examples/shapes/column_loss.py --column-loss 0.1 --binding-loss 0.1 --model M --train --data D ...
 
 takes every ``python -m mlx_eve.lora`` option, plus ``--column-loss``: the weight of the two read-out errors
-(each the fraction of its targets' variance left unexplained, 1 at the start) beside the mean answer loss.
+(each the fraction of its targets' variance left unexplained, 1 at the start) beside the mean answer loss, and
+``--binding-loss``: the weight of the attention error (default 0: none).
 """
 
 import argparse
 import sys
+from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Set, Tuple
 
 import mlx.core as mx
 import numpy as np
 from mlx_lm.models.base import create_attention_mask
 
 from mlx_eve.errors import EVEError, run_cli
-from mlx_eve.loading import read_config
+from mlx_eve.loading import model_skeleton, read_config
 from mlx_eve.lora import resolve_args, run
 from mlx_eve.models.base import image_spans
-from mlx_eve.models.eve_qwen2 import Modality
+from mlx_eve.models.eve_qwen2 import DecoderLayer, Modality, route
+from mlx_eve.processor import read_tokenizer
 from mlx_eve.trainer import Batch, Loss, answer_loss, batch_embeddings
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from make_dataset import ANSWERS, COLOUR_JITTER, COLOURS  # noqa: E402
+
 RIDGE = 1e-3  # relative to the mean squared hidden state: keeps the fit well posed, barely biased
+# A token shows a shape when this share of its pixels does. Shapes are drawn over backgrounds of 226-250 in every
+# channel (make_dataset.render), and every colour has a channel below SHAPE_PIXEL; a pixel has a colour within
+# its jitter plus what resizing blurs at the shapes' edges.
+TOKEN_SHARE, SHAPE_PIXEL, COLOUR_TOLERANCE = 0.15, 150, COLOUR_JITTER + 28
 
 
 def place_targets(batch: Batch, stride: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -63,40 +80,127 @@ def unexplained(states: mx.array, targets: mx.array) -> mx.array:
     return error / mx.maximum(mx.var(targets), 1e-6)
 
 
-def column_loss(weight: float) -> Loss:
-    """The answer loss plus ``weight`` times the two read-out errors, as ``trainer.train``'s ``loss``."""
+@dataclass
+class Binding:
+    """What the binding loss needs to know: its weight, the token ids of the colour words (each with the colour
+    it names, RGB) and of the first token of each position answer, and the image processor's normalisation."""
+
+    weight: float
+    colours: Dict[int, Tuple[int, int, int]]
+    sides: Set[int]
+    image_mean: np.ndarray
+    image_std: np.ndarray
+
+    def targets(self, batch: Batch, stride: int) -> List[Tuple[int, int, np.ndarray, np.ndarray]]:
+        """For each answer to a position question: (sample, the position that predicts the answer, mask over
+        the positions of the tokens showing a shape of the named colour, mask of those showing another shape).
+        The named colour is the last colour word before the answer: the question's."""
+        ids, supervised = np.asarray(batch.input_ids), np.asarray(batch.targets)
+        found = []
+        for b, (row, images) in enumerate(zip(ids, batch.pixel_values)):
+            spans = image_spans(row)
+            if len(spans) != 1:
+                continue
+            start, pixels = spans[0][0], np.asarray(images[0]) * self.image_std + self.image_mean
+            h, w = pixels.shape[0] // stride, pixels.shape[1] // stride
+            cells = pixels[: h * stride, : w * stride].reshape(h, stride, w, stride, 3) * 255
+            shape = (cells.min(-1) < SHAPE_PIXEL).mean((1, 3)) >= TOKEN_SHARE
+            place = start + 1 + np.arange(h)[:, None] * (w + 1) + np.arange(w)  # after the class token
+            for j in np.flatnonzero(supervised[b, 1:] & ~supervised[b, :-1]) + 1:  # each answer's first target
+                colours = [self.colours[t] for t in row[:j] if t in self.colours]
+                if row[j + 1] not in self.sides or not colours:
+                    continue
+                close = np.abs(cells - np.array(colours[-1])).max(-1) <= COLOUR_TOLERANCE
+                named = close.mean((1, 3)) >= TOKEN_SHARE
+                masks = [np.zeros(ids.shape[1] - 1, np.float32) for _ in range(2)]
+                masks[0][place[named]], masks[1][place[shape & ~named]] = 1, 1
+                if masks[0].any() and masks[1].any():
+                    found.append((b, int(j), *masks))
+        return found
+
+
+def attention_from(layer: DecoderLayer, x: mx.array, modality: Modality, rows: mx.array, positions: mx.array):
+    """(n, heads, L): the attention probabilities of each of ``layer``'s heads, on input ``x``, from position
+    ``positions[i]`` of sample ``rows[i]`` to every position (causal; the same scores its fused attention uses)."""
+    queries, keys, _ = route(modality, layer._project, x)
+    attention = layer.self_attn
+    B, L, _ = queries.shape
+    queries = attention.rope(queries.reshape(B, L, attention.n_heads, -1).transpose(0, 2, 1, 3))
+    keys = attention.rope(keys.reshape(B, L, attention.n_kv_heads, -1).transpose(0, 2, 1, 3))
+    keys = mx.repeat(keys, attention.n_heads // attention.n_kv_heads, axis=1)[rows]  # (n, heads, L, d)
+    scores = (keys @ queries[rows, :, positions][..., None])[..., 0] * attention.scale
+    scores = mx.where(mx.arange(L) <= positions[:, None, None], scores.astype(mx.float32), -mx.inf)
+    return mx.softmax(scores, axis=-1)
+
+
+def binding_error(attention: mx.array, named: mx.array, others: mx.array) -> mx.array:
+    """The mean over answers and heads of -log(the named shapes' share of the attention on shapes)."""
+    on_named, on_others = (attention * named[:, None]).sum(-1), (attention * others[:, None]).sum(-1)
+    return mx.mean(-mx.log(on_named / (on_named + on_others + 1e-6) + 1e-4))
+
+
+def column_loss(weight: float, binding: Optional[Binding] = None) -> Loss:
+    """The answer loss plus ``weight`` times the two read-out errors (plus the binding error at its weight), as
+    ``trainer.train``'s ``loss``."""
 
     def loss(model, batch: Batch) -> Tuple[mx.array, mx.array]:
         embeddings = batch_embeddings(model, batch)[:, :-1]
         inputs = batch.input_ids[:, :-1]
-        samples, positions, index, halves = place_targets(batch, model.args.patch_stride * model.args.dense_stride)
+        stride = model.args.patch_stride * model.args.dense_stride
+        samples, positions, index, halves = place_targets(batch, stride)
+        bound = binding.targets(batch, stride) if binding and binding.weight else []
         modality, mask = Modality.of(inputs), create_attention_mask(embeddings, None)
         h, errors = embeddings, []
         for depth, layer in enumerate(model.model.layers, 1):
+            if depth == len(model.model.layers) and bound:
+                rows, at, named, others = (mx.array(np.stack(parts)) for parts in zip(*bound))
+                attention = attention_from(layer, h, modality, rows, at)
+                errors.append(binding.weight * binding_error(attention, named, others))
             h = layer(h, mask, None, modality)
             if depth == 1 and len(index) > 1:  # a batch without images (or rows to halve) adds nothing
-                errors.append(unexplained(h[mx.array(samples), mx.array(positions)], mx.array(index)[:, None]))
+                errors.append(weight * unexplained(h[mx.array(samples), mx.array(positions)], mx.array(index)[:, None]))
             elif depth == 2 and len(halves) > 1:
                 side = mx.array(halves[:, 2].astype(np.float32))[:, None]
-                errors.append(unexplained(h[mx.array(halves[:, 0]), mx.array(halves[:, 1])], side))
+                errors.append(weight * unexplained(h[mx.array(halves[:, 0]), mx.array(halves[:, 1])], side))
         answer, tokens = answer_loss(model.logits(model.model.norm(h)), batch)
-        return answer + weight * sum(errors, mx.array(0.0)) * tokens, tokens
+        return answer + sum(errors, mx.array(0.0)) * tokens, tokens
 
     return loss
+
+
+def binding_for(model_path: Path, weight: float) -> Binding:
+    """The binding loss for the model in ``model_path``: its tokenizer must spell each colour and side word,
+    with and without a space before it, as one token."""
+    tokenizer, image_processor = read_tokenizer(model_path), model_skeleton(model_path)[1]
+    ids = {}
+    for word in [*COLOURS, *ANSWERS["position"]]:
+        spellings = [tokenizer.encode(text, add_special_tokens=False) for text in (word, " " + word)]
+        if any(len(tokens) != 1 for tokens in spellings):
+            raise EVEError(
+                f"The binding loss needs {word!r} and ' {word}' to be one token each in {model_path}'s tokenizer."
+            )
+        ids[word] = {tokens[0] for tokens in spellings}
+    colours = {t: COLOURS[c] for c in COLOURS for t in ids[c]}
+    sides = set().union(*(ids[side] for side in ANSWERS["position"]))
+    mean, std = (np.array(v, np.float32) for v in (image_processor.image_mean, image_processor.image_std))
+    return Binding(weight, colours, sides, mean, std)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(add_help=False)
     parser.add_argument("--column-loss", type=float, required=True)
+    parser.add_argument("--binding-loss", type=float, default=0.0)
 
     def go():
         known, rest = parser.parse_known_args(argv)
-        if not 0 <= known.column_loss <= 10:
-            raise EVEError(f"--column-loss must be in [0, 10], not {known.column_loss}.")
+        for name in ("column_loss", "binding_loss"):
+            if not 0 <= getattr(known, name) <= 10:
+                raise EVEError(f"--{name.replace('_', '-')} must be in [0, 10], not {getattr(known, name)}.")
         args = resolve_args(rest)
         if read_config(Path(args.model)).get("model_type") != "eve-qwen2":
             raise EVEError("The column loss is for EVEv2 models in a local folder (model_type eve-qwen2).")
-        run(args, loss=column_loss(known.column_loss))
+        binding = binding_for(Path(args.model), known.binding_loss) if known.binding_loss else None
+        run(args, loss=column_loss(known.column_loss, binding))
 
     return run_cli(go)
 
