@@ -20,6 +20,12 @@ ROOT = Path(__file__).resolve().parent.parent
 LAUNCHER = Path(sys.executable).parent / "mlx.launch"
 
 
+def restore_ctrl_c() -> None:
+    """``preexec_fn`` of a child that a test stops with Ctrl-C: the children of a background job (tests run with
+    ``&``) inherit SIGINT ignored, and Python then leaves it ignored."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -65,8 +71,7 @@ def start_server(model: Path, log: Path, *options: str, processes: int = 1) -> S
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
             # Several processes form a group of their own, which stop_server's Ctrl-C reaches as a terminal's does.
             start_new_session=processes > 1,
-            # Ctrl-C must reach it even when the tests run as a background job (whose children ignore SIGINT).
-            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+            preexec_fn=restore_ctrl_c,
         )
     server = SimpleNamespace(process=process, port=port, url=f"http://127.0.0.1:{port}", log=log, processes=processes)
     deadline = time.monotonic() + 120

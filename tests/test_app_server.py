@@ -19,6 +19,7 @@ import pytest
 import tiny_checkpoints
 from bundled_image import IMAGE, README_ANSWER, README_QUESTION
 from mlx.utils import tree_flatten
+from processes import restore_ctrl_c
 
 from mlx_eve import generate, load, stream_generate
 from mlx_eve.adapters import make_trainable
@@ -79,14 +80,13 @@ def running_app(tmp: Path, *args: str) -> Iterator[App]:
     log = tmp / "app.log"
     env = {**os.environ, "GRADIO_TEMP_DIR": str(tmp / "uploads"), "PYTHONUNBUFFERED": "1", "PYTHONFAULTHANDLER": "1"}
     with open(log, "w") as out:
-        # Ctrl-C must reach it even when the tests run as a background job (whose children inherit SIGINT ignored).
         process = subprocess.Popen(
             [sys.executable, "app.py", "--port", str(port), *args],
             cwd=ROOT,
             stdout=out,
             stderr=subprocess.STDOUT,
             env=env,
-            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+            preexec_fn=restore_ctrl_c,
         )
     app = App(process, f"http://127.0.0.1:{port}/", log)
     deadline = time.monotonic() + 180

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
+from processes import restore_ctrl_c
 
 from mlx_eve import caption
 
@@ -177,6 +178,7 @@ def test_ctrl_c_leaves_complete_lines_and_exit_130(v2_path, tmp_path):
         stderr=subprocess.PIPE,
         text=True,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        preexec_fn=restore_ctrl_c,
     )
     deadline = time.monotonic() + 120
     while not (out.exists() and out.read_text().count("\n") >= 2) and process.poll() is None:
