@@ -119,7 +119,7 @@ def test_the_attention_read_is_the_layers_own(v2_model):
     modality, layer = Modality.of(ids), model.model.layers[-1]
     queries, keys, values = route(modality, layer._project, x)
     fused = layer.self_attn(queries, keys, values, create_attention_mask(x, None))
-    attention = model.model.layers[-1].self_attn
+    attention = layer.self_attn
     positions = mx.array([ids.shape[1] - 1, 5])
     probabilities = column_loss.attention_from(layer, x, modality, mx.array([0, 0]), positions)
     values = mx.repeat(values.reshape(1, -1, attention.n_kv_heads, values.shape[-1] // attention.n_kv_heads), 2, 2)

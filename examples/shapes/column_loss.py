@@ -34,7 +34,8 @@ import numpy as np
 from mlx_lm.models.base import create_attention_mask
 
 from mlx_eve.errors import EVEError, run_cli
-from mlx_eve.loading import model_skeleton, read_config
+from mlx_eve.families import family_of
+from mlx_eve.loading import read_config
 from mlx_eve.lora import resolve_args, run
 from mlx_eve.models.base import image_spans
 from mlx_eve.models.eve_qwen2 import DecoderLayer, Modality, route
@@ -122,11 +123,9 @@ class Binding:
 def attention_from(layer: DecoderLayer, x: mx.array, modality: Modality, rows: mx.array, positions: mx.array):
     """(n, heads, L): the attention probabilities of each of ``layer``'s heads, on input ``x``, from position
     ``positions[i]`` of sample ``rows[i]`` to every position (causal; the same scores its fused attention uses)."""
-    queries, keys, _ = route(modality, layer._project, x)
     attention = layer.self_attn
-    B, L, _ = queries.shape
-    queries = attention.rope(queries.reshape(B, L, attention.n_heads, -1).transpose(0, 2, 1, 3))
-    keys = attention.rope(keys.reshape(B, L, attention.n_kv_heads, -1).transpose(0, 2, 1, 3))
+    queries, keys, _ = attention.heads(*route(modality, layer._project, x))
+    L = queries.shape[2]
     keys = mx.repeat(keys, attention.n_heads // attention.n_kv_heads, axis=1)[rows]  # (n, heads, L, d)
     scores = (keys @ queries[rows, :, positions][..., None])[..., 0] * attention.scale
     scores = mx.where(mx.arange(L) <= positions[:, None, None], scores.astype(mx.float32), -mx.inf)
@@ -171,7 +170,9 @@ def column_loss(weight: float, binding: Optional[Binding] = None) -> Loss:
 def binding_for(model_path: Path, weight: float) -> Binding:
     """The binding loss for the model in ``model_path``: its tokenizer must spell each colour and side word,
     with and without a space before it, as one token."""
-    tokenizer, image_processor = read_tokenizer(model_path), model_skeleton(model_path)[1]
+    config = read_config(model_path)
+    image_processor = family_of(config["model_type"]).image_processor.from_pretrained(model_path, config, None)
+    tokenizer = read_tokenizer(model_path)
     ids = {}
     for word in [*COLOURS, *ANSWERS["position"]]:
         spellings = [tokenizer.encode(text, add_special_tokens=False) for text in (word, " " + word)]

@@ -108,15 +108,19 @@ class Attention(nn.Module):
             max_position_embeddings=args.max_position_embeddings,
         )
 
-    def __call__(self, queries, keys, values, mask=None, cache=None) -> mx.array:
-        """Joint causal attention over already projected q/k/v ``(B, L, heads*head_dim)``."""
+    def heads(self, queries, keys, values, offset: int = 0):
+        """Projected q/k/v ``(B, L, heads*head_dim)`` as ``(B, heads, L, head_dim)``, q and k rotated from
+        position ``offset``."""
         B, L, _ = queries.shape
         queries = queries.reshape(B, L, self.n_heads, -1).transpose(0, 2, 1, 3)
         keys = keys.reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
         values = values.reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
-        offset = cache.offset if cache is not None else 0
-        queries = self.rope(queries, offset=offset)
-        keys = self.rope(keys, offset=offset)
+        return self.rope(queries, offset=offset), self.rope(keys, offset=offset), values
+
+    def __call__(self, queries, keys, values, mask=None, cache=None) -> mx.array:
+        """Joint causal attention over already projected q/k/v ``(B, L, heads*head_dim)``."""
+        B, L, _ = queries.shape
+        queries, keys, values = self.heads(queries, keys, values, cache.offset if cache is not None else 0)
         if cache is not None:
             keys, values = cache.update_and_fetch(keys, values)
         output = scaled_dot_product_attention(queries, keys, values, cache=cache, scale=self.scale, mask=mask)
