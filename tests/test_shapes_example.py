@@ -195,6 +195,28 @@ def test_position_drills_ask_one_or_two_shapes_their_sides(tmp_path):
         make_dataset.main(["--out", str(tmp_path / "x"), "--paired-positions", "-0.1"])
 
 
+def test_even_counts_ask_the_number_of_shapes_all_of_one_size(tmp_path):
+    root = _generate(tmp_path / "even", "--seed", "8", "--train-turns", "2", "--even-counts", "1")
+    sizes, numbers, held_out = Counter(), Counter(), Counter()
+    for split, samples in _samples(root).items():
+        for s in samples:
+            kinds, objects = _answers_checked_against_pixels(root, s)
+            if split == "train":
+                assert kinds[-1] == "count" == s["question_type"]
+                assert len({o["size"] for o in objects}) == 1, objects
+                sizes[objects[0]["size"]] += 1
+                numbers[len(objects)] += 1
+            else:
+                held_out[s["question_type"]] += 1
+    assert set(numbers) == {1, 2, 3, 4}, numbers
+    assert len(held_out) == 4, held_out  # validation and test images are never drills
+    assert sizes["big"] >= 8 and sizes["small"] >= 8 and min(numbers.values()) >= 4, (sizes, numbers)
+    with pytest.raises(SystemExit, match="add up to at most 1"):
+        make_dataset.main(["--out", str(tmp_path / "x"), "--even-counts", "0.6", "--paired-positions", "0.5"])
+    with pytest.raises(SystemExit, match="must be >= 0"):
+        make_dataset.main(["--out", str(tmp_path / "x"), "--even-counts", "-0.1"])
+
+
 def test_descriptions_list_the_shapes_left_to_right_and_eval_turns_add_history(tmp_path):
     root = _generate(tmp_path / "described", "--seed", "6", "--descriptions", "0.5", "--eval-turns", "2")
     described = 0

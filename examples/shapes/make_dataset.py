@@ -106,8 +106,11 @@ class Scene:
 QA = Tuple[str, str]  # (question, answer)
 
 
-def random_scene(rng: np.random.Generator, image_size: Tuple[int, int], count: int) -> Optional[Scene]:
-    """``count`` shapes at random non-overlapping places, or None when they did not fit."""
+def random_scene(
+    rng: np.random.Generator, image_size: Tuple[int, int], count: int, size: Optional[str] = None
+) -> Optional[Scene]:
+    """``count`` shapes at random non-overlapping places (all of ``size`` if given, else each big or small at
+    random), or None when they did not fit."""
     width, height = (int(v) for v in rng.integers(image_size[0], image_size[1] + 1, size=2))
     short = min(width, height)
     gap = max(3, round(0.04 * short))
@@ -115,12 +118,12 @@ def random_scene(rng: np.random.Generator, image_size: Tuple[int, int], count: i
     for _ in range(count):
         kind = SHAPES[rng.integers(len(SHAPES))]
         colour = ANSWERS["colour"][rng.integers(len(COLOURS))]
-        size = "big" if rng.random() < 0.5 else "small"
-        side = round(short * rng.uniform(*SIZES[size]))
+        size_of_this = size or ("big" if rng.random() < 0.5 else "small")
+        side = round(short * rng.uniform(*SIZES[size_of_this]))
         for _ in range(30):
             box = _random_box(rng, kind, side, width, height)
             if all(_apart(box, other.box, gap) for other in shapes):
-                shapes.append(Shape(kind, colour, size, box))
+                shapes.append(Shape(kind, colour, size_of_this, box))
                 break
         else:
             return None
@@ -202,12 +205,13 @@ def make_sample(
     tasks: Sequence[str],
     image_size: Tuple[int, int],
     turns: int = 1,
+    size: Optional[str] = None,
 ) -> Tuple[Scene, List[QA]]:
-    """A scene with a ``task`` question whose answer is ``answer``, preceded by up to ``turns - 1`` questions
-    of the other types (with ``turns == 1``, by one such question now and then)."""
+    """A scene (of shapes all of ``size`` if given) with a ``task`` question whose answer is ``answer``, preceded
+    by up to ``turns - 1`` questions of the other types (with ``turns == 1``, by one such question now and then)."""
     for _ in range(10_000):
         count = int(answer) if task == "count" else int(rng.integers(1, MAX_SHAPES + 1))
-        scene = random_scene(rng, image_size, count)
+        scene = random_scene(rng, image_size, count, size)
         if scene is None:
             continue
         matching = [qa for qa in questions(scene, task, rng) if qa[1] == answer]
@@ -257,6 +261,7 @@ def make_record(
     close_ups: float = 0.0,
     lone_positions: float = 0.0,
     paired_positions: float = 0.0,
+    even_counts: float = 0.0,
     descriptions: float = 0.0,
 ) -> dict:
     # The type and answer of sample i cycle through all combinations, so both are balanced exactly.
@@ -274,6 +279,11 @@ def make_record(
     elif curriculum < close_ups + lone_positions + paired_positions:
         task = "position"
         scene, qas = position_drill(rng, image_size, 1 if curriculum < close_ups + lone_positions else 2)
+    elif curriculum < close_ups + lone_positions + paired_positions + even_counts:
+        # Every shape big, or every one small: the area the shapes cover no longer tells their number.
+        task, size = "count", list(SIZES)[rng.integers(len(SIZES))]
+        answer = ANSWERS[task][rng.integers(len(ANSWERS[task]))]
+        scene, qas = make_sample(rng, task, answer, tasks, image_size, turns, size)
     else:
         scene, qas = make_sample(rng, task, answer, tasks, image_size, turns)
     if np.random.default_rng([seed, SPLITS.index(split), index, 2]).random() < descriptions:
@@ -307,6 +317,7 @@ def write_split(
     close_ups: float = 0.0,
     lone_positions: float = 0.0,
     paired_positions: float = 0.0,
+    even_counts: float = 0.0,
     descriptions: float = 0.0,
 ) -> Path:
     """Write ``count`` samples of ``split`` (images and ``<split>.jsonl``, in shuffled order) into ``out``."""
@@ -323,6 +334,7 @@ def write_split(
         close_ups=close_ups,
         lone_positions=lone_positions,
         paired_positions=paired_positions,
+        even_counts=even_counts,
         descriptions=descriptions,
     )
     if workers > 1:
@@ -391,6 +403,14 @@ def build_parser() -> argparse.ArgumentParser:
         "(a curriculum aid for finding the shape a position question names; validation and test images never are).",
     )
     p.add_argument(
+        "--even-counts",
+        type=float,
+        default=0.0,
+        help="Fraction of training images whose shapes are all big or all small, asked how many there are (a "
+        "curriculum aid: the area the shapes cover no longer tells their number; validation and test images "
+        "never are).",
+    )
+    p.add_argument(
         "--descriptions",
         type=float,
         default=0.0,
@@ -406,9 +426,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     unknown = sorted(set(tasks) - set(TASKS))
     if unknown or not tasks:
         sys.exit(f"error: unknown or missing task(s) {unknown}; choose from {', '.join(TASKS)}")
-    curricula = (args.close_ups, args.lone_positions, args.paired_positions)
+    curricula = (args.close_ups, args.lone_positions, args.paired_positions, args.even_counts)
     if min(curricula) < 0 or sum(curricula) > 1:
-        sys.exit("error: --close-ups, --lone-positions and --paired-positions must be >= 0 and add up to at most 1")
+        sys.exit(
+            "error: --close-ups, --lone-positions, --paired-positions and --even-counts must be >= 0 and add up to "
+            "at most 1"
+        )
     low, high = args.image_size
     if not 64 <= low <= high:
         sys.exit("error: --image-size needs 64 <= MIN <= MAX")
@@ -428,6 +451,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             close_ups=args.close_ups if split == "train" else 0.0,
             lone_positions=args.lone_positions if split == "train" else 0.0,
             paired_positions=args.paired_positions if split == "train" else 0.0,
+            even_counts=args.even_counts if split == "train" else 0.0,
             descriptions=args.descriptions if split == "train" else 0.0,
         )
         seconds = time.perf_counter() - start

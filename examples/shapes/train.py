@@ -183,6 +183,12 @@ def main() -> None:
         help="Fraction of training images showing two shapes on opposite sides, each asked which side it is on.",
     )
     p.add_argument(
+        "--even-counts",
+        type=float,
+        default=0.0,
+        help="Fraction of training images whose shapes are all big or all small, asked how many there are.",
+    )
+    p.add_argument(
         "--descriptions",
         type=float,
         default=0.0,
@@ -242,6 +248,8 @@ def main() -> None:
             str(args.lone_positions),
             "--paired-positions",
             str(args.paired_positions),
+            "--even-counts",
+            str(args.even_counts),
             "--descriptions",
             str(args.descriptions),
         )
