@@ -12,7 +12,7 @@ from mlx_eve.demo import BUNDLED_MODEL, EXAMPLE_IMAGES
 parser = argparse.ArgumentParser()
 parser.add_argument("--model", default=str(BUNDLED_MODEL))
 parser.add_argument("--image", default=str(EXAMPLE_IMAGES / "shapes.png"))
-parser.add_argument("-q", "--question", default="How many shapes are there?")
+parser.add_argument("-q", "--question", default="Is the red circle on the left or on the right?")
 parser.add_argument("-f", "--follow-up", default="What colour is the circle?")
 args = parser.parse_args()
 

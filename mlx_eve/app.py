@@ -38,7 +38,11 @@ if TYPE_CHECKING:
 INSTALL_HINT = "The chat app needs Gradio: pip install 'mlx-eve[app]'"
 EXAMPLE_QUESTIONS = {
     # What the bundled demo model (trained on examples/shapes) was taught to answer.
-    "shapes.png": ["How many shapes are there?", "What colour is the circle?", "What shape is the blue object?"],
+    "shapes.png": [
+        "Is the red circle on the left or on the right?",
+        "What shape is the blue object?",
+        "What colour is the circle?",
+    ],
 }
 TEXT_EXAMPLE = "Hello! What can you help me with?"
 NO_STATS = "Statistics of the last answer appear here."
