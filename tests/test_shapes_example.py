@@ -217,6 +217,19 @@ def test_even_counts_ask_the_number_of_shapes_all_of_one_size(tmp_path):
         make_dataset.main(["--out", str(tmp_path / "x"), "--even-counts", "-0.1"])
 
 
+def test_largest_lets_big_training_shapes_grow_and_leaves_held_out_images_alone(tmp_path):
+    root = _generate(tmp_path / "large", "--seed", "9", "--largest", "0.6")
+    widest = {}
+    for split, samples in _samples(root).items():
+        for s in samples:
+            _, objects = _answers_checked_against_pixels(root, s)
+            short = min(Image.open(root / s["image"]).size)
+            widest[split] = max(widest.get(split, 0), *(o["width"] / short for o in objects))
+    assert widest["train"] > 0.5 and max(widest["valid"], widest["test"]) <= 0.46, widest
+    with pytest.raises(SystemExit, match="--largest must be"):
+        make_dataset.main(["--out", str(tmp_path / "x"), "--largest", "0.3"])
+
+
 def test_descriptions_list_the_shapes_left_to_right_and_eval_turns_add_history(tmp_path):
     root = _generate(tmp_path / "described", "--seed", "6", "--descriptions", "0.5", "--eval-turns", "2")
     described = 0

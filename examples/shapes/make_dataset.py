@@ -107,10 +107,14 @@ QA = Tuple[str, str]  # (question, answer)
 
 
 def random_scene(
-    rng: np.random.Generator, image_size: Tuple[int, int], count: int, size: Optional[str] = None
+    rng: np.random.Generator,
+    image_size: Tuple[int, int],
+    count: int,
+    size: Optional[str] = None,
+    largest: float = SIZES["big"][1],
 ) -> Optional[Scene]:
     """``count`` shapes at random non-overlapping places (all of ``size`` if given, else each big or small at
-    random), or None when they did not fit."""
+    random; big ones up to ``largest`` of the shorter side), or None when they did not fit."""
     width, height = (int(v) for v in rng.integers(image_size[0], image_size[1] + 1, size=2))
     short = min(width, height)
     gap = max(3, round(0.04 * short))
@@ -119,7 +123,8 @@ def random_scene(
         kind = SHAPES[rng.integers(len(SHAPES))]
         colour = ANSWERS["colour"][rng.integers(len(COLOURS))]
         size_of_this = size or ("big" if rng.random() < 0.5 else "small")
-        side = round(short * rng.uniform(*SIZES[size_of_this]))
+        low, high = SIZES[size_of_this]
+        side = round(short * rng.uniform(low, largest if size_of_this == "big" else high))
         for _ in range(30):
             box = _random_box(rng, kind, side, width, height)
             if all(_apart(box, other.box, gap) for other in shapes):
@@ -139,11 +144,13 @@ def close_up(rng: np.random.Generator, image_size: Tuple[int, int]) -> Scene:
     return Scene(width, height, (Shape(kind, colour, "big", _random_box(rng, kind, side, width, height)),))
 
 
-def position_drill(rng: np.random.Generator, image_size: Tuple[int, int], count: int) -> Tuple[Scene, List[QA]]:
+def position_drill(
+    rng: np.random.Generator, image_size: Tuple[int, int], count: int, largest: float = SIZES["big"][1]
+) -> Tuple[Scene, List[QA]]:
     """``count`` shapes (1 or 2) of the usual sizes away from the middle, two on opposite sides, and the question
     of each one's side, in random order."""
     while True:
-        scene = random_scene(rng, image_size, count)
+        scene = random_scene(rng, image_size, count, largest=largest)
         found = questions(scene, "position", rng) if scene else []
         if len(found) == count and len({side for _, side in found}) == count:
             return scene, [found[i] for i in rng.permutation(count)]
@@ -206,12 +213,13 @@ def make_sample(
     image_size: Tuple[int, int],
     turns: int = 1,
     size: Optional[str] = None,
+    largest: float = SIZES["big"][1],
 ) -> Tuple[Scene, List[QA]]:
     """A scene (of shapes all of ``size`` if given) with a ``task`` question whose answer is ``answer``, preceded
     by up to ``turns - 1`` questions of the other types (with ``turns == 1``, by one such question now and then)."""
     for _ in range(10_000):
         count = int(answer) if task == "count" else int(rng.integers(1, MAX_SHAPES + 1))
-        scene = random_scene(rng, image_size, count, size)
+        scene = random_scene(rng, image_size, count, size, largest)
         if scene is None:
             continue
         matching = [qa for qa in questions(scene, task, rng) if qa[1] == answer]
@@ -263,6 +271,7 @@ def make_record(
     paired_positions: float = 0.0,
     even_counts: float = 0.0,
     descriptions: float = 0.0,
+    largest: float = SIZES["big"][1],
 ) -> dict:
     # The type and answer of sample i cycle through all combinations, so both are balanced exactly.
     task = tasks[index % len(tasks)]
@@ -278,14 +287,14 @@ def make_record(
         task, qas = typed[-1][0], [qa for _, qa in typed]
     elif curriculum < close_ups + lone_positions + paired_positions:
         task = "position"
-        scene, qas = position_drill(rng, image_size, 1 if curriculum < close_ups + lone_positions else 2)
+        scene, qas = position_drill(rng, image_size, 1 if curriculum < close_ups + lone_positions else 2, largest)
     elif curriculum < close_ups + lone_positions + paired_positions + even_counts:
         # Every shape big, or every one small: the area the shapes cover no longer tells their number.
         task, size = "count", list(SIZES)[rng.integers(len(SIZES))]
         answer = ANSWERS[task][rng.integers(len(ANSWERS[task]))]
-        scene, qas = make_sample(rng, task, answer, tasks, image_size, turns, size)
+        scene, qas = make_sample(rng, task, answer, tasks, image_size, turns, size, largest)
     else:
-        scene, qas = make_sample(rng, task, answer, tasks, image_size, turns)
+        scene, qas = make_sample(rng, task, answer, tasks, image_size, turns, largest=largest)
     if np.random.default_rng([seed, SPLITS.index(split), index, 2]).random() < descriptions:
         # Last, so that the questions before it are answered without its help, as at inference.
         phrasings = QUESTIONS["describe"]
@@ -319,6 +328,7 @@ def write_split(
     paired_positions: float = 0.0,
     even_counts: float = 0.0,
     descriptions: float = 0.0,
+    largest: float = SIZES["big"][1],
 ) -> Path:
     """Write ``count`` samples of ``split`` (images and ``<split>.jsonl``, in shuffled order) into ``out``."""
     (out / "images").mkdir(parents=True, exist_ok=True)
@@ -336,6 +346,7 @@ def write_split(
         paired_positions=paired_positions,
         even_counts=even_counts,
         descriptions=descriptions,
+        largest=largest,
     )
     if workers > 1:
         with Pool(workers) as pool:
@@ -411,6 +422,13 @@ def build_parser() -> argparse.ArgumentParser:
         "never are).",
     )
     p.add_argument(
+        "--largest",
+        type=float,
+        default=SIZES["big"][1],
+        help="Side of the largest big shape in *training* images, as a fraction of the shorter side (default: "
+        "%(default)s, as in validation and test images).",
+    )
+    p.add_argument(
         "--descriptions",
         type=float,
         default=0.0,
@@ -432,6 +450,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             "error: --close-ups, --lone-positions, --paired-positions and --even-counts must be >= 0 and add up to "
             "at most 1"
         )
+    if not SIZES["big"][0] < args.largest <= 0.7:
+        sys.exit(f"error: --largest must be above {SIZES['big'][0]} (the smallest big shape) and at most 0.7")
     low, high = args.image_size
     if not 64 <= low <= high:
         sys.exit("error: --image-size needs 64 <= MIN <= MAX")
@@ -453,6 +473,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             paired_positions=args.paired_positions if split == "train" else 0.0,
             even_counts=args.even_counts if split == "train" else 0.0,
             descriptions=args.descriptions if split == "train" else 0.0,
+            largest=args.largest if split == "train" else SIZES["big"][1],
         )
         seconds = time.perf_counter() - start
         print(f"{path}: {count} samples in {seconds:.1f} s ({count / max(seconds, 1e-9):.0f} images/s)")

@@ -189,6 +189,12 @@ def main() -> None:
         help="Fraction of training images whose shapes are all big or all small, asked how many there are.",
     )
     p.add_argument(
+        "--largest",
+        type=float,
+        default=0.45,
+        help="Side of the largest big shape in training images, as a fraction of the shorter side.",
+    )
+    p.add_argument(
         "--descriptions",
         type=float,
         default=0.0,
@@ -250,6 +256,8 @@ def main() -> None:
             str(args.paired_positions),
             "--even-counts",
             str(args.even_counts),
+            "--largest",
+            str(args.largest),
             "--descriptions",
             str(args.descriptions),
         )
