@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from functools import partial
 from multiprocessing import Pool
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -104,6 +104,7 @@ class Scene:
 
 
 QA = Tuple[str, str]  # (question, answer)
+Sizes = Mapping[str, Tuple[float, float]]  # size name: (smallest, largest) side, as fractions of the shorter side
 
 
 def random_scene(
@@ -111,10 +112,10 @@ def random_scene(
     image_size: Tuple[int, int],
     count: int,
     size: Optional[str] = None,
-    largest: float = SIZES["big"][1],
+    sizes: Sizes = SIZES,
 ) -> Optional[Scene]:
     """``count`` shapes at random non-overlapping places (all of ``size`` if given, else each big or small at
-    random; big ones up to ``largest`` of the shorter side), or None when they did not fit."""
+    random, with sides in the ``sizes`` range of the shorter side), or None when they did not fit."""
     width, height = (int(v) for v in rng.integers(image_size[0], image_size[1] + 1, size=2))
     short = min(width, height)
     gap = max(3, round(0.04 * short))
@@ -123,8 +124,7 @@ def random_scene(
         kind = SHAPES[rng.integers(len(SHAPES))]
         colour = ANSWERS["colour"][rng.integers(len(COLOURS))]
         size_of_this = size or ("big" if rng.random() < 0.5 else "small")
-        low, high = SIZES[size_of_this]
-        side = round(short * rng.uniform(low, largest if size_of_this == "big" else high))
+        side = round(short * rng.uniform(*sizes[size_of_this]))
         for _ in range(30):
             box = _random_box(rng, kind, side, width, height)
             if all(_apart(box, other.box, gap) for other in shapes):
@@ -145,12 +145,12 @@ def close_up(rng: np.random.Generator, image_size: Tuple[int, int]) -> Scene:
 
 
 def position_drill(
-    rng: np.random.Generator, image_size: Tuple[int, int], count: int, largest: float = SIZES["big"][1]
+    rng: np.random.Generator, image_size: Tuple[int, int], count: int, sizes: Sizes = SIZES
 ) -> Tuple[Scene, List[QA]]:
     """``count`` shapes (1 or 2) of the usual sizes away from the middle, two on opposite sides, and the question
     of each one's side, in random order."""
     while True:
-        scene = random_scene(rng, image_size, count, largest=largest)
+        scene = random_scene(rng, image_size, count, sizes=sizes)
         found = questions(scene, "position", rng) if scene else []
         if len(found) == count and len({side for _, side in found}) == count:
             return scene, [found[i] for i in rng.permutation(count)]
@@ -213,13 +213,13 @@ def make_sample(
     image_size: Tuple[int, int],
     turns: int = 1,
     size: Optional[str] = None,
-    largest: float = SIZES["big"][1],
+    sizes: Sizes = SIZES,
 ) -> Tuple[Scene, List[QA]]:
     """A scene (of shapes all of ``size`` if given) with a ``task`` question whose answer is ``answer``, preceded
     by up to ``turns - 1`` questions of the other types (with ``turns == 1``, by one such question now and then)."""
     for _ in range(10_000):
         count = int(answer) if task == "count" else int(rng.integers(1, MAX_SHAPES + 1))
-        scene = random_scene(rng, image_size, count, size, largest)
+        scene = random_scene(rng, image_size, count, size, sizes)
         if scene is None:
             continue
         matching = [qa for qa in questions(scene, task, rng) if qa[1] == answer]
@@ -271,7 +271,7 @@ def make_record(
     paired_positions: float = 0.0,
     even_counts: float = 0.0,
     descriptions: float = 0.0,
-    largest: float = SIZES["big"][1],
+    sizes: Sizes = SIZES,
 ) -> dict:
     # The type and answer of sample i cycle through all combinations, so both are balanced exactly.
     task = tasks[index % len(tasks)]
@@ -287,14 +287,14 @@ def make_record(
         task, qas = typed[-1][0], [qa for _, qa in typed]
     elif curriculum < close_ups + lone_positions + paired_positions:
         task = "position"
-        scene, qas = position_drill(rng, image_size, 1 if curriculum < close_ups + lone_positions else 2, largest)
+        scene, qas = position_drill(rng, image_size, 1 if curriculum < close_ups + lone_positions else 2, sizes)
     elif curriculum < close_ups + lone_positions + paired_positions + even_counts:
         # Every shape big, or every one small: the area the shapes cover no longer tells their number.
-        task, size = "count", list(SIZES)[rng.integers(len(SIZES))]
+        task, size = "count", list(sizes)[rng.integers(len(sizes))]
         answer = ANSWERS[task][rng.integers(len(ANSWERS[task]))]
-        scene, qas = make_sample(rng, task, answer, tasks, image_size, turns, size, largest)
+        scene, qas = make_sample(rng, task, answer, tasks, image_size, turns, size, sizes)
     else:
-        scene, qas = make_sample(rng, task, answer, tasks, image_size, turns, largest=largest)
+        scene, qas = make_sample(rng, task, answer, tasks, image_size, turns, sizes=sizes)
     if np.random.default_rng([seed, SPLITS.index(split), index, 2]).random() < descriptions:
         # Last, so that the questions before it are answered without its help, as at inference.
         phrasings = QUESTIONS["describe"]
@@ -328,7 +328,7 @@ def write_split(
     paired_positions: float = 0.0,
     even_counts: float = 0.0,
     descriptions: float = 0.0,
-    largest: float = SIZES["big"][1],
+    sizes: Sizes = SIZES,
 ) -> Path:
     """Write ``count`` samples of ``split`` (images and ``<split>.jsonl``, in shuffled order) into ``out``."""
     (out / "images").mkdir(parents=True, exist_ok=True)
@@ -346,7 +346,7 @@ def write_split(
         paired_positions=paired_positions,
         even_counts=even_counts,
         descriptions=descriptions,
-        largest=largest,
+        sizes=sizes,
     )
     if workers > 1:
         with Pool(workers) as pool:
@@ -473,7 +473,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             paired_positions=args.paired_positions if split == "train" else 0.0,
             even_counts=args.even_counts if split == "train" else 0.0,
             descriptions=args.descriptions if split == "train" else 0.0,
-            largest=args.largest if split == "train" else SIZES["big"][1],
+            sizes={**SIZES, "big": (SIZES["big"][0], args.largest)} if split == "train" else SIZES,
         )
         seconds = time.perf_counter() - start
         print(f"{path}: {count} samples in {seconds:.1f} s ({count / max(seconds, 1e-9):.0f} images/s)")

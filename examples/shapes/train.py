@@ -191,8 +191,9 @@ def main() -> None:
     p.add_argument(
         "--largest",
         type=float,
-        default=0.45,
-        help="Side of the largest big shape in training images, as a fraction of the shorter side.",
+        default=None,
+        help="Side of the largest big shape in training images, as a fraction of the shorter side (default: "
+        "make_dataset.py's).",
     )
     p.add_argument(
         "--descriptions",
@@ -256,8 +257,7 @@ def main() -> None:
             str(args.paired_positions),
             "--even-counts",
             str(args.even_counts),
-            "--largest",
-            str(args.largest),
+            *(["--largest", str(args.largest)] if args.largest is not None else []),
             "--descriptions",
             str(args.descriptions),
         )
