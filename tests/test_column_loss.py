@@ -79,13 +79,31 @@ def test_the_read_out_error_and_its_gradient_match_a_refitted_read_out():
     assert float(np.sum(gradient * direction)) == pytest.approx(numeric, rel=2e-2)
 
 
+def test_each_shape_starts_on_its_first_token_in_reading_order():
+    # A 96x64 image, 3 tokens by 2 at stride 32. A "U" whose arms stand on tokens (0, 1) and (0, 2) and join at
+    # the bottom: one shape, so only (0, 1) starts one. A speck in token (0, 0): too small to be a shape. A
+    # 10x10 block in token (1, 0): under TOKEN_SHARE of any token, so it starts on its most covered one.
+    pixels = np.full((64, 96, 3), 240.0)
+    pixels[2:62, 34:41] = pixels[2:62, 70:77] = pixels[52:62, 34:77] = (40, 90, 220)
+    pixels[5:8, 5:8] = (220, 45, 45)
+    pixels[40:50, 10:20] = (60, 160, 60)
+    labels = column_loss.shape_labels(pixels.min(-1) < column_loss.SHAPE_PIXEL)
+    assert labels.max() == 3
+    assert len(np.unique(labels[2:62, 34:77][pixels[2:62, 34:77, 0] == 40])) == 1  # the U is one shape
+    assert labels[2, 34] == 1 and labels[5, 5] == 2 and labels[40, 10] == 3  # numbered in reading order
+    np.testing.assert_array_equal(column_loss.start_targets(pixels, 32), [[0, 1, 0], [1, 0, 0]])
+
+
 def test_the_binding_targets_are_the_named_and_the_other_shapes_tokens():
     # A 96x64 image (3 tokens and a separator in each of 2 rows, after the class token at position 1): a red
     # block fills token (0, 1), a blue one token (1, 0). Then two questions naming red and blue, answered by a
     # side word (60), and one answered by another word (61).
     red, blue, side, other = 50, 51, 60, 61
     binding = column_loss.Binding(
-        1.0, {red: (220, 45, 45), blue: (40, 90, 220)}, {side}, np.full(3, 0.5), np.full(3, 0.5)
+        1.0,
+        {red: (220, 45, 45), blue: (40, 90, 220)},
+        {side},
+        column_loss.Normalisation(np.full(3, 0.5), np.full(3, 0.5)),
     )
     pixels = np.full((64, 96, 3), 240.0)
     pixels[0:32, 32:64] = (220, 45, 45)
@@ -156,6 +174,11 @@ def test_the_command_adds_the_column_errors_to_the_answer_loss(v2_path, dataset,
     # Same weights and batch at step 1: the difference is the two read-out errors, each between 0 and 1.
     assert 0.05 < both - answers < 2
     assert (tmp_path / "b" / "adapters.safetensors").is_file()
+    # Each image shows one circle: the start read-out's error, between 0 and 1, is added at its weight.
+    starts = _first_loss(
+        [*common, "--adapter-path", str(tmp_path / "c"), "--column-loss", "0", "--start-loss", "1"], capsys
+    )
+    assert 0.05 < starts - answers < 1.5
 
 
 @pytest.mark.parametrize(
@@ -163,6 +186,7 @@ def test_the_command_adds_the_column_errors_to_the_answer_loss(v2_path, dataset,
     [
         (["--column-loss", "-1"], "--column-loss must be in [0, 10]"),
         (["--column-loss", "0.1", "--binding-loss", "11"], "--binding-loss must be in [0, 10]"),
+        (["--column-loss", "0.1", "--start-loss", "-0.5"], "--start-loss must be in [0, 10]"),
         (["--column-loss", "0.1", "--model", "v1"], "for EVEv2 models"),
     ],
 )

@@ -50,6 +50,7 @@ RIDGE = 1e-3  # relative to the mean squared hidden state: keeps the fit well po
 # channel (make_dataset.render), and every colour has a channel below SHAPE_PIXEL; a pixel has a colour within
 # its jitter plus what resizing blurs at the shapes' edges.
 TOKEN_SHARE, SHAPE_PIXEL, COLOUR_TOLERANCE = 0.15, 150, COLOUR_JITTER + 28
+MIN_SHAPE_PIXELS = 40  # fewer connected shape pixels on a token are specks that resizing left, not a shape
 
 
 def place_targets(batch: Batch, stride: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -81,6 +82,80 @@ def unexplained(states: mx.array, targets: mx.array) -> mx.array:
     return error / mx.maximum(mx.var(targets), 1e-6)
 
 
+def shape_labels(shape: np.ndarray) -> np.ndarray:
+    """Each pixel of the boolean ``shape`` mask numbered by the connected shape it belongs to (pixels touching
+    on a side connect), 1, 2, ... in the order their first pixels come in reading order; 0 off the mask."""
+    runs, parent = [], []  # each row's runs of shape pixels (row, start, end), and their union-find parents
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    above: List[int] = []
+    for y, row in enumerate(shape):
+        edges = np.flatnonzero(np.diff(np.concatenate([[0], row.astype(np.int8), [0]])))
+        here = []
+        for start, end in zip(edges[::2], edges[1::2]):
+            parent.append(len(runs))
+            here.append(len(runs))
+            runs.append((y, start, end))
+            for j in above:
+                if runs[j][1] < end and start < runs[j][2]:
+                    parent[root(j)] = root(here[-1])
+        above = here
+    labels, numbers = np.zeros(shape.shape, np.int32), {}
+    for i, (y, start, end) in enumerate(runs):
+        labels[y, start:end] = numbers.setdefault(root(i), len(numbers) + 1)
+    return labels
+
+
+def start_targets(pixels: np.ndarray, stride: int) -> np.ndarray:
+    """(h, w): 1 for each token that is the first, in reading order, to show a shape, else 0. ``pixels``: the
+    image as the model sees it, in 0-255. A shape shows on a token when TOKEN_SHARE of its pixels are the shape's
+    (or on its most covered token, for a shape too small to cover that much of any)."""
+    h, w = pixels.shape[0] // stride, pixels.shape[1] // stride
+    labels = shape_labels(pixels[: h * stride, : w * stride].min(-1) < SHAPE_PIXEL)
+    starts = np.zeros(h * w, np.float32)
+    for number in range(1, labels.max() + 1):
+        share = (labels == number).reshape(h, stride, w, stride).mean((1, 3)).ravel()
+        if share.max() * stride * stride >= MIN_SHAPE_PIXELS:
+            starts[np.argmax(share >= min(TOKEN_SHARE, share.max()))] = 1
+    return starts.reshape(h, w)
+
+
+@dataclass
+class Normalisation:
+    """The image processor's normalisation, to see a batch's images in 0-255 again."""
+
+    image_mean: np.ndarray
+    image_std: np.ndarray
+
+    def rgb(self, pixels: mx.array) -> np.ndarray:
+        return (np.asarray(pixels) * self.image_std + self.image_mean) * 255
+
+
+@dataclass
+class Starts:
+    """What the start loss needs: its weight and the image processor's normalisation."""
+
+    weight: float
+    normalisation: Normalisation
+
+    def targets(self, batch: Batch, stride: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Every image token's (sample, position, 1 if it is the first token of a shape else 0)."""
+        found = [np.zeros((0, 3), np.int64)]
+        for b, (ids, images) in enumerate(zip(np.asarray(batch.input_ids), batch.pixel_values)):
+            for (start, _), pixels in zip(image_spans(ids), images):
+                starts = start_targets(self.normalisation.rgb(pixels), stride)
+                h, w = starts.shape
+                place = start + 1 + np.arange(h)[:, None] * (w + 1) + np.arange(w)  # after the class token
+                found.append(np.stack([np.full(h * w, b), place.ravel(), starts.ravel()], 1).astype(np.int64))
+        found = np.concatenate(found)
+        return found[:, 0], found[:, 1], found[:, 2].astype(np.float32)
+
+
 @dataclass
 class Binding:
     """What the binding loss needs to know: its weight, the token ids of the colour words (each with the colour
@@ -89,8 +164,7 @@ class Binding:
     weight: float
     colours: Dict[int, Tuple[int, int, int]]
     sides: Set[int]
-    image_mean: np.ndarray
-    image_std: np.ndarray
+    normalisation: Normalisation
 
     def targets(self, batch: Batch, stride: int) -> List[Tuple[int, int, np.ndarray, np.ndarray]]:
         """For each answer to a position question: (sample, the position that predicts the answer, mask over
@@ -102,9 +176,9 @@ class Binding:
             spans = image_spans(row)
             if len(spans) != 1:
                 continue
-            start, pixels = spans[0][0], np.asarray(images[0]) * self.image_std + self.image_mean
+            start, pixels = spans[0][0], self.normalisation.rgb(images[0])
             h, w = pixels.shape[0] // stride, pixels.shape[1] // stride
-            cells = pixels[: h * stride, : w * stride].reshape(h, stride, w, stride, 3) * 255
+            cells = pixels[: h * stride, : w * stride].reshape(h, stride, w, stride, 3)
             shape = (cells.min(-1) < SHAPE_PIXEL).mean((1, 3)) >= TOKEN_SHARE
             place = start + 1 + np.arange(h)[:, None] * (w + 1) + np.arange(w)  # after the class token
             for j in np.flatnonzero(supervised[b, 1:] & ~supervised[b, :-1]) + 1:  # each answer's first target
@@ -138,9 +212,9 @@ def binding_error(attention: mx.array, named: mx.array, others: mx.array) -> mx.
     return mx.mean(-mx.log(on_named / (on_named + on_others + 1e-6) + 1e-4))
 
 
-def column_loss(weight: float, binding: Optional[Binding] = None) -> Loss:
-    """The answer loss plus ``weight`` times the two read-out errors (plus the binding error at its weight), as
-    ``trainer.train``'s ``loss``."""
+def column_loss(weight: float, binding: Optional[Binding] = None, starts: Optional[Starts] = None) -> Loss:
+    """The answer loss plus ``weight`` times the two read-out errors (plus the binding error and the start
+    read-out's error, each at its weight), as ``trainer.train``'s ``loss``."""
 
     def loss(model, batch: Batch) -> Tuple[mx.array, mx.array]:
         embeddings = batch_embeddings(model, batch)[:, :-1]
@@ -148,6 +222,7 @@ def column_loss(weight: float, binding: Optional[Binding] = None) -> Loss:
         stride = model.args.patch_stride * model.args.dense_stride
         samples, positions, index, halves = place_targets(batch, stride)
         bound = binding.targets(batch, stride) if binding and binding.weight else []
+        first = starts.targets(batch, stride) if starts and starts.weight else None
         modality, mask = Modality.of(inputs), create_attention_mask(embeddings, None)
         h, errors = embeddings, []
         for depth, layer in enumerate(model.model.layers, 1):
@@ -161,17 +236,25 @@ def column_loss(weight: float, binding: Optional[Binding] = None) -> Loss:
             elif depth == 2 and len(halves) > 1:
                 side = mx.array(halves[:, 2].astype(np.float32))[:, None]
                 errors.append(weight * unexplained(h[mx.array(halves[:, 0]), mx.array(halves[:, 1])], side))
+            if depth == len(model.model.layers) - 1 and first is not None and first[2].any():
+                # Before the last layer, whose attention can then count the starts.
+                start_of = mx.array(first[2])[:, None]
+                errors.append(starts.weight * unexplained(h[mx.array(first[0]), mx.array(first[1])], start_of))
         answer, tokens = answer_loss(model.logits(model.model.norm(h)), batch)
         return answer + sum(errors, mx.array(0.0)) * tokens, tokens
 
     return loss
 
 
+def normalisation_of(model_path: Path) -> Normalisation:
+    config = read_config(model_path)
+    image_processor = family_of(config["model_type"]).image_processor.from_pretrained(model_path, config, None)
+    return Normalisation(*(np.array(v, np.float32) for v in (image_processor.image_mean, image_processor.image_std)))
+
+
 def binding_for(model_path: Path, weight: float) -> Binding:
     """The binding loss for the model in ``model_path``: its tokenizer must spell each colour and side word,
     with and without a space before it, as one token."""
-    config = read_config(model_path)
-    image_processor = family_of(config["model_type"]).image_processor.from_pretrained(model_path, config, None)
     tokenizer = read_tokenizer(model_path)
     ids = {}
     for word in [*COLOURS, *ANSWERS["position"]]:
@@ -183,25 +266,26 @@ def binding_for(model_path: Path, weight: float) -> Binding:
         ids[word] = {tokens[0] for tokens in spellings}
     colours = {t: COLOURS[c] for c in COLOURS for t in ids[c]}
     sides = set().union(*(ids[side] for side in ANSWERS["position"]))
-    mean, std = (np.array(v, np.float32) for v in (image_processor.image_mean, image_processor.image_std))
-    return Binding(weight, colours, sides, mean, std)
+    return Binding(weight, colours, sides, normalisation_of(model_path))
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(add_help=False)
     parser.add_argument("--column-loss", type=float, required=True)
     parser.add_argument("--binding-loss", type=float, default=0.0)
+    parser.add_argument("--start-loss", type=float, default=0.0)
 
     def go():
         known, rest = parser.parse_known_args(argv)
-        for name in ("column_loss", "binding_loss"):
+        for name in ("column_loss", "binding_loss", "start_loss"):
             if not 0 <= getattr(known, name) <= 10:
                 raise EVEError(f"--{name.replace('_', '-')} must be in [0, 10], not {getattr(known, name)}.")
         args = resolve_args(rest)
         if read_config(Path(args.model)).get("model_type") != "eve-qwen2":
             raise EVEError("The column loss is for EVEv2 models in a local folder (model_type eve-qwen2).")
         binding = binding_for(Path(args.model), known.binding_loss) if known.binding_loss else None
-        run(args, loss=column_loss(known.column_loss, binding))
+        starts = Starts(known.start_loss, normalisation_of(Path(args.model))) if known.start_loss else None
+        run(args, loss=column_loss(known.column_loss, binding, starts))
 
     return run_cli(go)
 

@@ -214,6 +214,13 @@ def main() -> None:
         help="Weight of the auxiliary loss that points the last layer's attention at the shape a position "
         "question names (column_loss.py; 0: none).",
     )
+    p.add_argument(
+        "--start-loss",
+        type=float,
+        default=0.0,
+        help="Weight of the auxiliary loss that teaches each shape's first image token that it starts a shape "
+        "(column_loss.py; 0: none).",
+    )
     p.add_argument("--iters", type=int, default=2000)
     p.add_argument("--batch-size", type=int, default=16)
     # At 1e-3 the loss of shape questions stays at the answer prior, even on close-ups alone.
@@ -268,9 +275,9 @@ def main() -> None:
         initial_checkpoint(init, data, args)
     resume = ["--resume"] if (run_dir / "checkpoint" / "state.json").exists() else []
     column_loss = [str(HERE / "column_loss.py"), "--column-loss", str(args.column_loss)]
-    column_loss += ["--binding-loss", str(args.binding_loss)]
+    column_loss += ["--binding-loss", str(args.binding_loss), "--start-loss", str(args.start_loss)]
     run(
-        *(column_loss if args.column_loss or args.binding_loss else ["-m", "mlx_eve.lora"]),
+        *(column_loss if args.column_loss or args.binding_loss or args.start_loss else ["-m", "mlx_eve.lora"]),
         "--model",
         str(init),
         "--train",
