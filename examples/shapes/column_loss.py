@@ -16,11 +16,16 @@ the answer's position (each head's, among the attention it gives to shapes) land
 the question names: the mean of -log(that share). The shapes are found in the pixels, the colour in the
 question's words.
 
+Counting, the model took pieces of one big shape for two. ``--start-loss`` adds how badly a linear read-out of
+the hidden states after the layer before the last finds the first image token, in reading order, of each shape
+(shapes found in the pixels as connected regions): the last layer can then count what it finds.
+
     python examples/shapes/column_loss.py --column-loss 0.1 --binding-loss 0.1 --model M --train --data D ...
 
 takes every ``python -m mlx_eve.lora`` option, plus ``--column-loss``: the weight of the two read-out errors
-(each the fraction of its targets' variance left unexplained, 1 at the start) beside the mean answer loss, and
-``--binding-loss``: the weight of the attention error (default 0: none).
+(each the fraction of its targets' variance left unexplained, 1 at the start) beside the mean answer loss,
+``--binding-loss``: the weight of the attention error, and ``--start-loss``: the weight of the start read-out's
+error (both default 0: none).
 """
 
 import argparse
