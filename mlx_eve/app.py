@@ -39,9 +39,9 @@ INSTALL_HINT = "The chat app needs Gradio: pip install 'mlx-eve[app]'"
 EXAMPLE_QUESTIONS = {
     # What the bundled demo model (trained on examples/shapes) was taught to answer.
     "shapes.png": [
-        "Is the red circle on the left or on the right?",
-        "What shape is the blue object?",
+        "How many shapes are there?",
         "What colour is the circle?",
+        "Is the red circle on the left or on the right?",
     ],
 }
 TEXT_EXAMPLE = "Hello! What can you help me with?"

@@ -1,6 +1,7 @@
 """The bundled demo model (mlx_eve/assets/eve-shapes, trained by examples/shapes/train.py) gives right
 answers: the README's first command about the bundled image, and questions about images drawn afresh."""
 
+import itertools
 import subprocess
 import sys
 
@@ -36,10 +37,9 @@ def test_answers_the_example_questions_right(demo_model, question):
     assert generate(*demo_model, question, image=IMAGE, max_tokens=8).strip() == FACTS[question][1]
 
 
-@pytest.mark.parametrize("question", EXAMPLES)
-def test_answers_them_right_as_a_second_turn(demo_model, question):
-    """After another example question about the same image, as in the chat app."""
-    first = EXAMPLES[EXAMPLES.index(question) - 1]
+@pytest.mark.parametrize("first, question", list(itertools.permutations(EXAMPLES, 2)))
+def test_answers_them_right_as_a_second_turn(demo_model, first, question):
+    """After another example question about the same image, in any order, as in the chat app."""
     chat = ChatSession(*demo_model, IMAGE)
     assert "".join(r.text for r in chat.stream(first, max_tokens=8)).strip() == FACTS[first][1]
     assert "".join(r.text for r in chat.stream(question, max_tokens=8)).strip() == FACTS[question][1]
@@ -60,5 +60,5 @@ def test_held_out_accuracy_on_images_drawn_afresh(demo_model, tmp_path):
         [*make, "--train", "4", "--valid", "4", "--test", "80", "--seed", "2026", "--workers", "1"], check=True
     )
     result = shapes_eval.evaluate(*demo_model, shapes_eval.load_samples(tmp_path / "test.jsonl"), tmp_path)
-    # 97.5 % here, 95.5 % on the 1000-image test split; chance: about 32 %.
+    # 96.2 % here, 95.4 % on the 1000-image test split; chance: about 32 %.
     assert result["accuracy"] >= 0.85, result["by_type"]
