@@ -76,6 +76,12 @@ def place_targets(batch: Batch, stride: int) -> Tuple[np.ndarray, np.ndarray, np
     return places[:, 0], places[:, 1], places[:, 2].astype(np.float32), halves
 
 
+def token_places(start: int, h: int, w: int) -> np.ndarray:
+    """(h, w): the sequence positions of the patches of an image whose embeddings begin at ``start`` (its class
+    token), skipping the separator that ends each row."""
+    return start + 1 + np.arange(h)[:, None] * (w + 1) + np.arange(w)
+
+
 def unexplained(states: mx.array, targets: mx.array) -> mx.array:
     """The fraction of ``targets``' variance that the least-squares linear read-out of ``states`` misses."""
     x = mx.concatenate([states, mx.ones((states.shape[0], 1), states.dtype)], axis=1)
@@ -154,9 +160,8 @@ class Starts:
         for b, (ids, images) in enumerate(zip(np.asarray(batch.input_ids), batch.pixel_values)):
             for (start, _), pixels in zip(image_spans(ids), images):
                 starts = start_targets(self.normalisation.rgb(pixels), stride)
-                h, w = starts.shape
-                place = start + 1 + np.arange(h)[:, None] * (w + 1) + np.arange(w)  # after the class token
-                found.append(np.stack([np.full(h * w, b), place.ravel(), starts.ravel()], 1).astype(np.int64))
+                place = token_places(start, *starts.shape).ravel()
+                found.append(np.stack([np.full(place.size, b), place, starts.ravel()], 1).astype(np.int64))
         found = np.concatenate(found)
         return found[:, 0], found[:, 1], found[:, 2].astype(np.float32)
 
@@ -185,7 +190,7 @@ class Binding:
             h, w = pixels.shape[0] // stride, pixels.shape[1] // stride
             cells = pixels[: h * stride, : w * stride].reshape(h, stride, w, stride, 3)
             shape = (cells.min(-1) < SHAPE_PIXEL).mean((1, 3)) >= TOKEN_SHARE
-            place = start + 1 + np.arange(h)[:, None] * (w + 1) + np.arange(w)  # after the class token
+            place = token_places(start, h, w)
             for j in np.flatnonzero(supervised[b, 1:] & ~supervised[b, :-1]) + 1:  # each answer's first target
                 colours = [self.colours[t] for t in row[:j] if t in self.colours]
                 if row[j + 1] not in self.sides or not colours:
@@ -257,7 +262,7 @@ def normalisation_of(model_path: Path) -> Normalisation:
     return Normalisation(*(np.array(v, np.float32) for v in (image_processor.image_mean, image_processor.image_std)))
 
 
-def binding_for(model_path: Path, weight: float) -> Binding:
+def binding_for(model_path: Path, weight: float, normalisation: Normalisation) -> Binding:
     """The binding loss for the model in ``model_path``: its tokenizer must spell each colour and side word,
     with and without a space before it, as one token."""
     tokenizer = read_tokenizer(model_path)
@@ -271,7 +276,7 @@ def binding_for(model_path: Path, weight: float) -> Binding:
         ids[word] = {tokens[0] for tokens in spellings}
     colours = {t: COLOURS[c] for c in COLOURS for t in ids[c]}
     sides = set().union(*(ids[side] for side in ANSWERS["position"]))
-    return Binding(weight, colours, sides, normalisation_of(model_path))
+    return Binding(weight, colours, sides, normalisation)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -288,8 +293,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         args = resolve_args(rest)
         if read_config(Path(args.model)).get("model_type") != "eve-qwen2":
             raise EVEError("The column loss is for EVEv2 models in a local folder (model_type eve-qwen2).")
-        binding = binding_for(Path(args.model), known.binding_loss) if known.binding_loss else None
-        starts = Starts(known.start_loss, normalisation_of(Path(args.model))) if known.start_loss else None
+        model = Path(args.model)
+        normalisation = normalisation_of(model) if known.binding_loss or known.start_loss else None
+        binding = binding_for(model, known.binding_loss, normalisation) if known.binding_loss else None
+        starts = Starts(known.start_loss, normalisation) if known.start_loss else None
         run(args, loss=column_loss(known.column_loss, binding, starts))
 
     return run_cli(go)
