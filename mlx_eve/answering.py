@@ -1,24 +1,23 @@
-"""Many questions through the batching ``Engine``, answered in the order they were asked, with a progress bar:
-what ``mlx_eve.caption`` and ``mlx_eve.evaluate`` share."""
+"""Many questions through the batching ``Engine``, answered in the order they were asked: ``answer_in_order``
+(what the caption and evaluate commands share) and ``batch_generate`` on it."""
 
-import sys
 from collections import deque
+from contextlib import closing
 from dataclasses import dataclass
-from typing import Iterable, Iterator, NamedTuple, Optional, Sequence, Union
+from typing import Iterable, Iterator, List, NamedTuple, Optional, Sequence, Union
 
-from tqdm import tqdm
-
-from .engine import Engine, SamplingParams, Stream, Usage
+from .engine import Engine, Stream, Usage
 from .errors import EVEError
 from .image import ImageInput
 from .models.base import EVEModel
 from .processor import Processor
 from .prompts import Prompt
+from .request import SamplingParams
 
 
 class Request(NamedTuple):
     prompt: Prompt
-    images: Sequence[ImageInput]
+    images: Union[None, ImageInput, Sequence[ImageInput]]
     system_prompt: Optional[str] = None
 
 
@@ -71,21 +70,30 @@ def _collect(stream: Stream) -> Answer:
     return Answer("".join(event.text for event in events), events[-1].usage)
 
 
-def progress_bar(total: int, done: int, unit: str) -> tqdm:
-    """A bar on stderr for ``total`` items, ``done`` of them before this run; see ``advance``."""
-    return tqdm(
-        total=total,
-        initial=done,
-        unit=unit,
-        file=sys.stderr,
-        dynamic_ncols=True,
-        bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}{postfix}]",
-    )
-
-
-def advance(bar: tqdm, note: str = "") -> None:
-    """One more item done: the bar shows the items per minute of this run, then ``note``."""
-    elapsed = bar.format_dict["elapsed"]
-    rate = f"{(bar.n + 1 - bar.initial) * 60 / elapsed:.1f} {bar.unit}s/min" if elapsed > 0 else ""
-    bar.set_postfix_str(", ".join(part for part in (rate, note) if part), refresh=False)
-    bar.update()
+def batch_generate(
+    model: EVEModel,
+    processor: Processor,
+    prompts: Sequence[Prompt],
+    images: Optional[Sequence[Union[None, ImageInput, Sequence[ImageInput]]]] = None,
+    *,
+    max_batch_size: int = 8,
+    **sampling,
+) -> List[str]:
+    """The answers to ``prompts`` (each a question or a message list), in order, decoded together.
+    ``images[i]`` goes with ``prompts[i]``; ``sampling``: ``SamplingParams`` fields (``temp`` for
+    ``temperature`` too). The first prompt refused (an image that cannot be read, a prompt longer than the
+    context) raises its ``EVEError``."""
+    if "temp" in sampling:
+        sampling["temperature"] = sampling.pop("temp")
+    params = SamplingParams(**sampling)
+    images = list(images) if images is not None else [None] * len(prompts)
+    if len(images) != len(prompts):
+        raise ValueError(f"{len(prompts)} prompts but {len(images)} image entries.")
+    requests = [Request(prompt, image) for prompt, image in zip(prompts, images)]
+    texts = []
+    with closing(answer_in_order(model, processor, requests, params, batch_size=max_batch_size)) as answers:
+        for answer in answers:
+            if isinstance(answer, EVEError):
+                raise answer
+            texts.append(answer.text)
+    return texts

@@ -10,13 +10,12 @@ from dataclasses import dataclass, fields
 from typing import Dict, Generator, List, Optional, Tuple
 
 import mlx.core as mx
-from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache, trim_prompt_cache
-from mlx_lm.utils import common_prefix_len
+from mlx_lm.models.cache import make_prompt_cache
 
 from .generation import GenerationResponse, generate_from_inputs
 from .image import ImageInput, load_image
-from .models import IMAGE_TOKEN_ID
 from .models.base import EVEModel
+from .prefill import Prefill, reuse_prefix
 from .processor import Processor
 
 
@@ -80,10 +79,8 @@ class ChatSession:
         inputs = self.processor(messages, images, system_prompt, max_size)  # no pixel work until needed
         ids = inputs.input_ids.tolist()
         image_size = images and inputs.image_processor.target_size(*self.image.size)
-        if image_size != self._cached_image_size:
-            self._reset_cache()
-        reused = self._reuse_prefix(ids)
-        new_image_tokens = ids[reused:].count(IMAGE_TOKEN_ID)
+        reused = self._reuse(ids, image_size)
+        new_image_tokens = Prefill(inputs, reused).image_tokens
         mx.reset_peak_memory()
         generated: List[int] = []
         answer = ""
@@ -119,14 +116,12 @@ class ChatSession:
         self.prompt_cache = make_prompt_cache(self.model, max_kv_size=self.max_kv_size)
         self.cached_ids = []
 
-    def _reuse_prefix(self, ids: List[int]) -> int:
-        """Cut the cache back to the longest prefix it shares with ``ids``; the number of ids kept."""
-        # mlx-lm needs at least one prompt token to compute the first answer token from.
-        common = min(common_prefix_len(self.cached_ids, ids), len(ids) - 1)
-        if common < len(self.cached_ids):
-            if not can_trim_prompt_cache(self.prompt_cache):
-                self._reset_cache()
-                return 0
-            trim_prompt_cache(self.prompt_cache, len(self.cached_ids) - common)
-            self.cached_ids = self.cached_ids[:common]
-        return common
+    def _reuse(self, ids: List[int], image_size) -> int:
+        """Cut the cache back to what ``ids`` reuse of it (nothing after another image size); how many they do."""
+        same_image = image_size == self._cached_image_size
+        reused = reuse_prefix(self.prompt_cache, self.cached_ids, ids) if same_image else 0
+        if reused:
+            self.cached_ids = self.cached_ids[:reused]
+        else:
+            self._reset_cache()
+        return reused

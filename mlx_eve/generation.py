@@ -1,17 +1,19 @@
-"""Generation through mlx-lm's loop (KV cache, chunked prefill, samplers, streaming) for prepared inputs."""
+"""``stream_generate`` and ``generate``: answers through mlx-lm's loop (KV cache, chunked prefill, samplers,
+streaming), for a prompt and images or for inputs the processor already prepared."""
 
 from dataclasses import dataclass, fields
-from typing import Generator, List, Optional
+from typing import Generator, List, Optional, Sequence, Union
 
 import mlx.core as mx
-import numpy as np
 from mlx_lm.generate import GenerationResponse as LMGenerationResponse
 from mlx_lm.generate import stream_generate as lm_stream_generate
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
-from .models import IMAGE_TOKEN_ID
+from .image import ImageInput
 from .models.base import EVEModel
+from .prefill import Prefill
 from .processor import ModelInputs, Processor
+from .prompts import Prompt
 
 
 @dataclass
@@ -19,6 +21,41 @@ class GenerationResponse(LMGenerationResponse):
     """mlx-lm's response plus the number of prompt tokens that are image embeddings."""
 
     image_tokens: int = 0
+
+
+def stream_generate(
+    model: EVEModel,
+    processor: Processor,
+    prompt: Prompt,
+    image: Union[None, ImageInput, Sequence[ImageInput]] = None,
+    max_tokens: int = 256,
+    temp: float = 0.0,
+    *,
+    system_prompt: Optional[str] = None,
+    max_size: Optional[int] = None,
+    **kwargs,
+) -> Generator[GenerationResponse, None, None]:
+    """Answer ``prompt`` (a question, or a list of role/content messages) about ``image`` (one or several).
+    ``max_size`` sets the EVEv2 image resolution for this call.
+
+    Yields a response per generated token; the last one carries ``finish_reason`` ("stop" or "length").
+    Sampling options: ``top_p``, ``top_k``, ``min_p``, ``repetition_penalty``, ``repetition_context_size``
+    (or a ready ``sampler`` / ``logits_processors``); anything else goes to mlx-lm's ``generate_step``
+    (``max_kv_size``, ``kv_bits``, ``prefill_step_size``, ``prompt_cache``, ...).
+    """
+    inputs = processor(prompt, image, system_prompt, max_size)
+    yield from generate_from_inputs(model, processor, inputs, max_tokens, temp, **kwargs)
+
+
+def generate(
+    model: EVEModel,
+    processor: Processor,
+    prompt: Prompt,
+    image: Union[None, ImageInput, Sequence[ImageInput]] = None,
+    **kwargs,
+) -> str:
+    """The whole answer as a string (same arguments as ``stream_generate``)."""
+    return "".join(r.text for r in stream_generate(model, processor, prompt, image, **kwargs))
 
 
 def generate_from_inputs(
@@ -39,7 +76,8 @@ def generate_from_inputs(
     """``stream_generate`` for inputs the processor already prepared.
 
     With a ``prompt_cache`` that already holds the first ``reused`` prompt tokens (a conversation so far),
-    only the rest is run through the model, and images are only embedded if their tokens are in the rest.
+    only the rest is run through the model, and images are only embedded if their tokens are in the rest
+    (``Prefill``).
     """
     room = processor.context_length - inputs.input_ids.size
     max_tokens = room if max_tokens < 0 else min(max_tokens, room)
@@ -48,28 +86,24 @@ def generate_from_inputs(
     processors += make_logits_processors(
         repetition_penalty=repetition_penalty, repetition_context_size=repetition_context_size
     )
-    new = inputs.input_ids[reused:]
-    if (np.asarray(new) == IMAGE_TOKEN_ID).any():
-        kwargs["input_embeddings"] = model.embed_inputs(inputs.input_ids, inputs.pixel_values)[reused:]
-        # mlx-lm prefills on its own stream: compute the image rows here first.
-        mx.eval(kwargs["input_embeddings"])
+    prefill = Prefill(inputs, reused)
     for response in lm_stream_generate(
         model,
         processor.tokenizer,
-        new,
+        prefill.ids,
         max_tokens=max_tokens,
-        logits_processors=_over_text(processors, inputs.input_ids, new.size),
+        input_embeddings=prefill.input_embeddings(model),
+        logits_processors=_over_text(processors, prefill),
         **kwargs,
     ):
         values = {f.name: getattr(response, f.name) for f in fields(response)}
         yield GenerationResponse(**values, image_tokens=inputs.image_tokens)
 
 
-def _over_text(processors: List, input_ids: mx.array, fed: int) -> List:
-    """Penalties see the whole prompt's text (not image placeholder ids), then the answer so far, as if
-    nothing were cached: mlx-lm hands them only the ``fed`` prompt tokens of this call plus the answer."""
-    ids = np.asarray(input_ids)
-    text_ids = mx.array(ids[ids != IMAGE_TOKEN_ID])
+def _over_text(processors: List, prefill: Prefill) -> List:
+    """Penalties see the prompt's text (``Prefill.text_ids``), then the answer so far, as if nothing were cached:
+    mlx-lm hands them only the prompt tokens this call fed plus the answer."""
+    text_ids, fed = mx.array(prefill.text_ids), prefill.ids.size
 
     def over_text(processor):
         return lambda tokens, logits: processor(mx.concatenate([text_ids, tokens[fed:]]), logits)

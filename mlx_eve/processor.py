@@ -3,8 +3,7 @@
 import json
 import shutil
 import warnings
-from dataclasses import dataclass
-from functools import cached_property
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional, Sequence, Union
 
@@ -12,6 +11,7 @@ import mlx.core as mx
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 from mlx_lm.tokenizer_utils import load as load_tokenizer
 from PIL import Image
+from transformers.utils import logging as hf_logging
 
 from .errors import CheckpointError, PromptError, PromptTooLongError
 from .image import ImageInput, load_image
@@ -36,14 +36,22 @@ PROCESSOR_FILES = [
 class ModelInputs:
     input_ids: mx.array  # (L,) int32; each image is a run of IMAGE_TOKEN_ID, one per image embedding
     images: List[Image.Image]
-    image_processor: ImageProcessor
+    image_processor: Optional[ImageProcessor]
     image_tokens: int
     prompt: str  # the templated text, with <image> placeholders
+    _pixel_values: Optional[List[mx.array]] = field(default=None, repr=False, compare=False)
 
-    @cached_property
+    @classmethod
+    def from_pixels(cls, input_ids: mx.array, pixel_values: List[mx.array], image_tokens: int) -> "ModelInputs":
+        """Inputs whose images came as pixels already computed (on a rank that never saw the images)."""
+        return cls(input_ids, [], None, image_tokens, "", pixel_values)
+
+    @property
     def pixel_values(self) -> List[mx.array]:
         """One normalised (H, W, 3) float32 array per image, computed when first needed."""
-        return [mx.array(self.image_processor(image)) for image in self.images]
+        if self._pixel_values is None:
+            self._pixel_values = [mx.array(self.image_processor(image)) for image in self.images]
+        return self._pixel_values
 
 
 class Processor:
@@ -155,8 +163,6 @@ def read_tokenizer(model_path: Path) -> TokenizerWrapper:
 
 def _quietly(fn, *args):
     """transformers warns that an ``eve`` config is not one of its model types; it only needs the tokenizer."""
-    from transformers.utils import logging as hf_logging
-
     level = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     try:

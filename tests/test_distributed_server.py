@@ -26,7 +26,9 @@ import tiny_checkpoints
 from processes import LAUNCHER, ROOT, command, start_server, stop_server, wait_for_log
 
 from mlx_eve import load
-from mlx_eve.engine import Engine, Plan, SamplingParams, _cache_key, _Request, decode_plan, encode_plan, pack, unpack
+from mlx_eve.broadcast import Plan, decode_plan, encode_plan, pack, unpack
+from mlx_eve.engine import Engine, _cache_key
+from mlx_eve.request import Request, SamplingParams
 from mlx_eve.server import ServerSettings, parse_chat_request, read_image
 
 LONG = 20000  # max_tokens of an answer that is stopped long before its end
@@ -64,7 +66,7 @@ def test_plan_round_trip(v2_model, images):
     text = processor("Hello there")
     pictures = processor([{"role": "user", "content": "<image> and <image>?"}], [images["wide"], images["tall"]])
     params = SamplingParams(max_tokens=9, temperature=0.7, top_k=5, stop=("\n", "END"), top_logprobs=2, seed=42)
-    requests = [_Request(text, SamplingParams(), _cache_key(text)), _Request(pictures, params, _cache_key(pictures))]
+    requests = [Request(text, SamplingParams(), _cache_key(text)), Request(pictures, params, _cache_key(pictures))]
     plan = Plan(requests, cancelled=[3, 7])
     got = decode_plan(encode_plan(plan))
     assert (got.cancelled, got.close) == ([3, 7], False)
