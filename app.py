@@ -2,7 +2,7 @@
 
 import sys
 
-from mlx_eve.app import main
+from mlx_eve.commands.app import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -2,7 +2,7 @@
 
 import sys
 
-from mlx_eve.convert import main
+from mlx_eve.commands.convert import main
 
 if __name__ == "__main__":
     sys.exit(main())

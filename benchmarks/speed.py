@@ -190,8 +190,8 @@ def build_models(
     vocab_limit: Optional[int] = None,
 ) -> Tuple[EVEModel, nn.Module]:
     """A random-weight EVE model and mlx-lm's plain LLaMA / Qwen2 holding the EVE text-branch arrays."""
-    family = family_of(config["model_type"])
     eve = build_model(config, vision_args={})
+    family = eve.family
     eve.set_dtype(dtype)
     if bits:
         quantization.apply(eve, quantization.plan(eve, bits, group_size, keep_float=family.patch_embedding_paths))
@@ -216,8 +216,7 @@ def _is_text_decoder_key(family: Family, key: str) -> bool:
 
 def text_weights(eve: EVEModel) -> List[Tuple[str, mx.array]]:
     """The EVE parameters a plain LLaMA / Qwen2 has: the decoder without the visual copies and image modules."""
-    family = family_of(eve.model_type)
-    return [(k, v) for k, v in tree_flatten(eve.parameters()) if _is_text_decoder_key(family, k)]
+    return [(k, v) for k, v in tree_flatten(eve.parameters()) if _is_text_decoder_key(eve.family, k)]
 
 
 def parameter_bytes(model: nn.Module, prefix: str = "") -> int:
@@ -227,7 +226,7 @@ def parameter_bytes(model: nn.Module, prefix: str = "") -> int:
 def decode_weight_bytes(model: nn.Module) -> int:
     """Weights a decode step reads: text layers, final norm and head (the one embedding row it reads is
     negligible, unless the embedding is the head)."""
-    tied, family = model.args.tie_word_embeddings, family_of(model.model_type)
+    tied, family = model.args.tie_word_embeddings, model.family
     return sum(
         v.nbytes
         for k, v in tree_flatten(model.parameters())

@@ -10,7 +10,6 @@ from mlx.utils import tree_flatten
 from mlx_lm.tuner.utils import linear_to_lora_layers
 
 from .errors import CheckpointError, EVEError
-from .families import family_of
 from .models.base import EVEModel
 
 
@@ -25,7 +24,7 @@ def make_trainable(model: EVEModel, config: dict) -> None:
     else:
         # More layers than the model has (e.g. the default 16 on a small model) means all of them.
         linear_to_lora_layers(model, config["num_layers"], config["lora_parameters"], use_dora=fine_tune_type == "dora")
-    for module in family_of(model.model_type).patch_embedding_modules(model):
+    for module in model.family.patch_embedding_modules(model):
         if config.get("train_patch_embedding"):
             module.unfreeze()
         elif config.get("freeze_patch_embedding"):

@@ -46,6 +46,8 @@ def existing(what: str, exists: Callable[[Path], bool]) -> Callable[[str], Path]
 DTYPES = ["float16", "bfloat16", "float32"]
 # mlx-lm's mixed-precision recipes (mlx_lm.convert.QUANT_RECIPES), named here so that parsing needs no mlx-lm.
 QUANT_RECIPES = ["mixed_2_6", "mixed_3_4", "mixed_3_6", "mixed_4_6"]
+# How ``mlx_eve.scoring`` can compare an answer with its references.
+METRICS = ("exact", "contains")
 
 NUMBER = number(float, "a number")
 POSITIVE = number(float, "a number > 0", lambda v: v > 0)

@@ -9,15 +9,15 @@ renamed into place only once complete.
 import shutil
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Union
+from typing import Callable, Dict, List, Optional, Union
 
+import huggingface_hub
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from . import quantization
 from .arguments import DTYPES
 from .errors import EVEError
-from .families import family_of
 from .loading import HUB_REPO_ID, WeightReader, check_weights, get_model_path, model_skeleton
 from .models.base import EVEModel
 from .processor import copy_processor_files
@@ -105,31 +105,20 @@ def convert(
     source = get_model_path(hf_path, revision)
     config, image_processor, model = model_skeleton(source)  # the model's own weights are never evaluated
     reader = WeightReader(source)
-    placeholders = {k: mx.zeros(*reader.spec(k)) for k in reader.keys()}  # lazy: nothing is allocated
-    source_quantization = quantization.of_checkpoint(model, config, model.sanitize(placeholders))
-    if source_quantization and not dequantize:
-        raise ConvertError(
-            f"{hf_path} is already quantized: convert the original checkpoint, or pass -d to dequantize it."
-        )
-    if dequantize and not source_quantization:
-        raise ConvertError(f"{hf_path} is not quantized: there is nothing to dequantize.")
+    source_quantization = _source_quantization(model, config, reader, hf_path, dequantize)
 
     target_dtype = dtype or config.get("torch_dtype")
     plan = {}
     if quantize:
-        keep_float = family_of(config["model_type"]).patch_embedding_paths
+        keep_float = model.family.patch_embedding_paths
         plan = quantization.plan(model, q_bits, q_group_size, quant_predicate, keep_float)
     quantization_config = quantization.config_block(plan)
     converter = Converter(
         model, getattr(mx, target_dtype) if target_dtype in DTYPES else None, plan, source_quantization
     )
 
-    # Plan: run the conversion on lazy zeros of the right shapes; nothing is read or computed.
     modules = _modules(reader.keys())
-    outputs = {}
-    for path, keys in modules.items():
-        zeros = {k: mx.zeros(*reader.spec(k)) for k in keys}
-        outputs[path] = [TensorSpec(k, tuple(v.shape), v.dtype) for k, v in converter(zeros).items()]
+    outputs = _planned_outputs(converter, reader, modules)
     parameters = sum(v.size for _, v in tree_flatten(model.parameters()))  # before quantizing the skeleton
     quantization.apply(model, plan)
     check_weights(model, {s.name: mx.zeros(s.shape, s.dtype) for specs in outputs.values() for s in specs}, source)
@@ -137,19 +126,9 @@ def convert(
     total_bytes = sum(s.nbytes for s in specs)
     _check_disk_space(out, total_bytes)
 
-    pending: Dict[str, mx.array] = {}
-    remaining = iter(modules.values())
-
-    def produce(spec: TensorSpec) -> mx.array:
-        while spec.name not in pending:  # convert the next module's tensors
-            keys = next(remaining)
-            pending.update(converter({k: reader.take(k) for k in keys}))
-            mx.eval(list(pending.values()))
-        return pending.pop(spec.name)
-
     try:
         with staged_folder(out, force, keep=[source]) as folder:
-            write_weights(folder, specs, produce, int(max_shard_gb * 2**30))
+            write_weights(folder, specs, _producer(converter, reader, modules), int(max_shard_gb * 2**30))
             copy_processor_files(source, folder, image_processor)
             write_config(folder, config, quantization_config, target_dtype if target_dtype in DTYPES else None)
             command = command or f"python convert.py --hf-path {hf_path}"
@@ -170,6 +149,48 @@ def convert(
     return out
 
 
+def _source_quantization(model: EVEModel, config: dict, reader: WeightReader, hf_path: str, dequantize: bool) -> dict:
+    """How the checkpoint is quantized (read from its headers), refused unless it is to be dequantized."""
+    placeholders = {k: mx.zeros(*reader.spec(k)) for k in reader.keys()}  # lazy: nothing is allocated
+    source_quantization = quantization.of_checkpoint(model, config, model.sanitize(placeholders))
+    if source_quantization and not dequantize:
+        raise ConvertError(
+            f"{hf_path} is already quantized: convert the original checkpoint, or pass -d to dequantize it."
+        )
+    if dequantize and not source_quantization:
+        raise ConvertError(f"{hf_path} is not quantized: there is nothing to dequantize.")
+    return source_quantization
+
+
+def _planned_outputs(
+    converter: Converter, reader: WeightReader, modules: Dict[str, List[str]]
+) -> Dict[str, List[TensorSpec]]:
+    """Each module's output tensors: the conversion run on lazy zeros of the right shapes (nothing is read or
+    computed)."""
+    outputs = {}
+    for path, keys in modules.items():
+        zeros = {k: mx.zeros(*reader.spec(k)) for k in keys}
+        outputs[path] = [TensorSpec(k, tuple(v.shape), v.dtype) for k, v in converter(zeros).items()]
+    return outputs
+
+
+def _producer(
+    converter: Converter, reader: WeightReader, modules: Dict[str, List[str]]
+) -> Callable[[TensorSpec], mx.array]:
+    """The output tensors, asked for in module order: each module is read and converted when first needed."""
+    pending: Dict[str, mx.array] = {}
+    remaining = iter(modules.values())
+
+    def produce(spec: TensorSpec) -> mx.array:
+        while spec.name not in pending:  # convert the next module's tensors
+            keys = next(remaining)
+            pending.update(converter({k: reader.take(k) for k in keys}))
+            mx.eval(list(pending.values()))
+        return pending.pop(spec.name)
+
+    return produce
+
+
 def _check_disk_space(out: Path, needed: int) -> None:
     existing = next((p for p in [out, *out.parents] if p.exists()), Path("."))
     free = shutil.disk_usage(existing).free
@@ -181,12 +202,10 @@ def _check_disk_space(out: Path, needed: int) -> None:
 
 def check_upload(repo_id: str) -> None:
     """Fail before any work if ``repo_id`` cannot be uploaded to: a malformed id, no network, no login."""
-    from huggingface_hub import HfApi
-
     if not HUB_REPO_ID.match(repo_id):
         raise ConvertError(f"--upload-repo {repo_id!r} is not a Hugging Face repo id (user/name).")
     try:
-        HfApi().whoami()
+        huggingface_hub.HfApi().whoami()
     except Exception as e:
         detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ConvertError(
@@ -196,11 +215,9 @@ def check_upload(repo_id: str) -> None:
 
 
 def upload_to_hub(path: Path, repo_id: str) -> None:
-    from huggingface_hub import HfApi
-
     card = path / "README.md"
     card.write_text(card.read_text().replace("<this folder or repo>", repo_id))
-    api = HfApi()
+    api = huggingface_hub.HfApi()
     api.create_repo(repo_id=repo_id, exist_ok=True)
     api.upload_folder(folder_path=str(path), repo_id=repo_id, repo_type="model")
     print(f"[INFO] Uploaded to https://huggingface.co/{repo_id}")

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
+import huggingface_hub
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
@@ -78,8 +79,7 @@ def load(
     if sharded:  # as mlx-lm's sharded_load: wait for the slowest rank here, not in the first collective
         mx.eval(mx.distributed.all_sum(mx.array(1.0), stream=mx.cpu, group=group))
     model.eval()
-    template = family_of(config["model_type"]).template
-    processor = Processor.from_pretrained(model_path, config, image_processor, template)
+    processor = Processor.from_pretrained(model_path, config, image_processor, model.family.template)
     if len(processor.tokenizer) < model.args.vocab_size:
         model.vocab_limit = len(processor.tokenizer)
     return model, processor
@@ -97,14 +97,12 @@ def get_model_path(path_or_repo: str, revision: Optional[str] = None) -> Path:
 
 
 def _download(repo_id: str, revision: Optional[str]) -> Path:
-    from huggingface_hub import model_info, snapshot_download
-
     try:
         # model_info fails at once when offline (listing the repo tree retries for ~25 s).
-        files = [f.rfilename for f in model_info(repo_id, revision=revision).siblings or []]
+        files = [f.rfilename for f in huggingface_hub.model_info(repo_id, revision=revision).siblings or []]
     except Exception as e:  # offline or unreachable: a complete cached snapshot still works
         try:
-            return Path(snapshot_download(repo_id, revision=revision, local_files_only=True))
+            return Path(huggingface_hub.snapshot_download(repo_id, revision=revision, local_files_only=True))
         except Exception:
             raise ModelNotFoundError(
                 f"{repo_id!r} is not a local folder, and the Hugging Face Hub could not provide it "
@@ -114,7 +112,7 @@ def _download(repo_id: str, revision: Optional[str]) -> Path:
     safetensors = any(f.endswith(".safetensors") for f in files)
     patterns = NON_WEIGHT_FILES + (["*.safetensors"] if safetensors else ["*.bin"])
     try:
-        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
+        return Path(huggingface_hub.snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
     except Exception as e:
         raise ModelNotFoundError(f"Downloading {repo_id!r} from the Hugging Face Hub failed: {e}") from e
 

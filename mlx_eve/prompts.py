@@ -10,6 +10,8 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 from .errors import PromptError
 
 IMAGE_PLACEHOLDER = "<image>"
+# Asked when images come without a question.
+DESCRIBE = "Describe the image."
 
 DEFAULT_SYSTEM = (
     "A chat between a curious user and an artificial intelligence assistant. "

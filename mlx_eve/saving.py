@@ -16,6 +16,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
+from tqdm import tqdm
 
 from .errors import EVEError
 from .loading import HUB_REPO_ID
@@ -107,8 +108,6 @@ def write_weights(
     progress: bool = True,
 ) -> int:
     """Write the tensors ``produce`` returns, in ``specs`` order, as shards plus index. Returns the bytes."""
-    from tqdm import tqdm
-
     shards = plan_shards(specs, max_bytes)
     total = sum(s.nbytes for s in specs)
     index = {"metadata": {"total_size": total}, "weight_map": {}}

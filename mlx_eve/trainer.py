@@ -27,7 +27,7 @@ from mlx_lm.utils import get_total_parameters
 
 from .data import Sample
 from .errors import EVEError
-from .families import Family, family_of
+from .families import Family
 from .image import load_image
 from .models.base import EVEModel
 
@@ -295,6 +295,71 @@ class StopRequest:
         signal.signal(signal.SIGINT, self.previous)
 
 
+class GradientSteps:
+    """Training steps: each batch's loss and gradients, averaged over the processes, summed over
+    ``grad_accumulation_steps`` batches, then one optimizer update."""
+
+    def __init__(self, model: EVEModel, optimizer: optim.Optimizer, loss: Loss, args: TrainingArgs, group):
+        self.model, self.optimizer, self.args, self.group = model, optimizer, args, group
+        self.loss_and_grad = nn.value_and_grad(model, lambda m, b, scale: loss(m, b)[0] * scale)
+        self.accumulated = None  # the gradients summed since the last update
+
+    def __call__(self, batch: Batch, step: int) -> Tuple[float, int]:
+        """Step ``step`` on ``batch``: the global mean loss (before this step's update) and supervised tokens."""
+        tokens = mx.distributed.all_sum(batch.targets.sum(), stream=mx.cpu)
+        # Each process's summed loss times the process count over the global token count: averaging
+        # the gradients over processes gives exactly the gradient of the global mean.
+        step_loss, grads = self.loss_and_grad(self.model, batch, self.group.size() / mx.maximum(tokens, 1))
+        grads = nn.average_gradients(grads, self.group, communication_stream=mx.cpu)
+        step_loss = mx.distributed.all_sum(step_loss, stream=mx.cpu) / self.group.size()
+        self.accumulated = grads if self.accumulated is None else tree_map(mx.add, self.accumulated, grads)
+        if step % self.args.grad_accumulation_steps == 0:
+            self._update()
+        mx.eval(self.model.parameters(), self.optimizer.state, step_loss)
+        return step_loss.item(), int(tokens.item())
+
+    def _update(self) -> None:
+        grads, self.accumulated = self.accumulated, None
+        if self.args.grad_accumulation_steps > 1:
+            grads = tree_map(lambda g: g / self.args.grad_accumulation_steps, grads)
+        if self.args.max_grad_norm is not None:
+            grads = optim.clip_grad_norm(grads, self.args.max_grad_norm)[0]
+        self.optimizer.update(self.model, grads)
+
+    @property
+    def between_updates(self) -> bool:
+        return self.accumulated is None
+
+
+class TrainingReport:
+    """mlx-lm's training line every ``steps_per_report`` steps: the means since the last one."""
+
+    def __init__(self, say: Callable[[str], None]):
+        self.say, self.watch, self.trained_tokens = say, DivergenceWatch(), 0
+        self._start_window()
+
+    def _start_window(self) -> None:
+        self.loss, self.tokens, self.steps, self.seconds = 0.0, 0, 0, 0.0
+
+    def add(self, loss: float, tokens: int, seconds: float) -> None:
+        self.watch.step(loss)
+        self.loss += loss
+        self.tokens += tokens
+        self.steps += 1
+        self.seconds += seconds
+
+    def show(self, step: int, learning_rate: float) -> None:
+        self.trained_tokens += self.tokens
+        self.say(
+            f"Iter {step}: Train loss {self.loss / self.steps:.3f}, "
+            f"Learning Rate {learning_rate:.3e}, "
+            f"It/sec {self.steps / self.seconds:.3f}, Tokens/sec {self.tokens / self.seconds:.3f}, "
+            f"Trained Tokens {self.trained_tokens}, Peak mem {mx.get_peak_memory() / 1e9:.3f} GB"
+        )
+        self.watch.report(step, self.loss / self.steps, self.say)
+        self._start_window()
+
+
 def train(
     model: EVEModel,
     image_processor,
@@ -314,22 +379,13 @@ def train(
     say = report if is_main else (lambda message: None)
     adapter_path = Path(adapter_path)
     adapter_path.mkdir(parents=True, exist_ok=True)
-    optimizer = make_optimizer(args, family_of(model.model_type))
+    optimizer = make_optimizer(args, model.family)
     start = load_checkpoint(adapter_path, model, optimizer) if resume else 0
     if resume:
         say(f"Resuming from step {start}.")
     order = BatchOrder(train_set, args.batch_size, args.seed)
-    loss_and_grad = nn.value_and_grad(model, lambda m, b, scale: loss(m, b)[0] * scale)
-
-    def clip(grads):
-        if args.max_grad_norm is None:
-            return grads
-        return optim.clip_grad_norm(grads, args.max_grad_norm)[0]
-
+    steps, reports, saved = GradientSteps(model, optimizer, loss, args, group), TrainingReport(say), start
     model.train()
-    watch = DivergenceWatch()
-    window_loss, window_tokens, window_steps, window_time, trained_tokens = 0.0, 0, 0, 0.0, 0
-    accumulated, saved = None, start
     with StopRequest() as stop:
         step = start
         for step in range(start + 1, args.iters + 1):
@@ -341,48 +397,23 @@ def train(
             tic = time.perf_counter()
             mx.random.seed(args.seed * 1_000_003 + step)  # MLX's random state can't be restored: derive it
             batch = make_batch([train_set[i] for i in shard(order(step - 1), group)], image_processor)
-            tokens = mx.distributed.all_sum(batch.targets.sum(), stream=mx.cpu)
-            # Each process's summed loss times the process count over the global token count: averaging
-            # the gradients over processes gives exactly the gradient of the global mean.
-            step_loss, grads = loss_and_grad(model, batch, group.size() / mx.maximum(tokens, 1))
-            grads = nn.average_gradients(grads, group, communication_stream=mx.cpu)
-            step_loss = mx.distributed.all_sum(step_loss, stream=mx.cpu) / group.size()
-            accumulated = grads if accumulated is None else tree_map(mx.add, accumulated, grads)
-            if step % args.grad_accumulation_steps == 0:
-                if args.grad_accumulation_steps > 1:
-                    accumulated = tree_map(lambda g: g / args.grad_accumulation_steps, accumulated)
-                optimizer.update(model, clip(accumulated))
-                accumulated = None
-            mx.eval(model.parameters(), optimizer.state, step_loss)
-            loss_value = step_loss.item()
+            loss_value, tokens = steps(batch, step)
             if not math.isfinite(loss_value):
                 raise diverged(f"The loss became {loss_value} at step {step}", saved, adapter_path)
-            watch.step(loss_value)
-            window_loss += loss_value
-            window_tokens += int(tokens.item())
-            window_steps += 1
-            window_time += time.perf_counter() - tic
+            reports.add(loss_value, tokens, time.perf_counter() - tic)
             if step % args.steps_per_report == 0 or step == args.iters:
-                trained_tokens += window_tokens
-                say(
-                    f"Iter {step}: Train loss {window_loss / window_steps:.3f}, "
-                    f"Learning Rate {optimizer.learning_rate.item():.3e}, "
-                    f"It/sec {window_steps / window_time:.3f}, Tokens/sec {window_tokens / window_time:.3f}, "
-                    f"Trained Tokens {trained_tokens}, Peak mem {mx.get_peak_memory() / 1e9:.3f} GB"
-                )
-                watch.report(step, window_loss / window_steps, say)
-                window_loss, window_tokens, window_steps, window_time = 0.0, 0, 0, 0.0
-            if step % args.save_every == 0 or step == args.iters or stop.requested:
-                if accumulated is None:  # only between optimizer updates
-                    # A checkpoint is good only if the loss on its weights is finite: the loss above was on
-                    # the weights before this step's update.
-                    after = finite_loss_after_update(model, batch, loss)
-                    if not math.isfinite(after):
-                        raise diverged(f"The loss became {after} after the update of step {step}", saved, adapter_path)
-                    if is_main:
-                        save_checkpoint(adapter_path, model, optimizer, step)
-                    saved = step
-                    say(f"Iter {step}: Saved checkpoint to {adapter_path / CHECKPOINT}.")
+                reports.show(step, optimizer.learning_rate.item())
+            checkpoint_due = step % args.save_every == 0 or step == args.iters or stop.requested
+            if checkpoint_due and steps.between_updates:
+                # A checkpoint is good only if the loss on its weights is finite: the loss above was on
+                # the weights before this step's update.
+                after = finite_loss_after_update(model, batch, loss)
+                if not math.isfinite(after):
+                    raise diverged(f"The loss became {after} after the update of step {step}", saved, adapter_path)
+                if is_main:
+                    save_checkpoint(adapter_path, model, optimizer, step)
+                saved = step
+                say(f"Iter {step}: Saved checkpoint to {adapter_path / CHECKPOINT}.")
             if stop.requested and saved == step:
                 say(f"Stopped at step {step}; resume with --resume.")
                 break

@@ -209,7 +209,7 @@ def test_bad_upload_is_reported_in_the_chat_and_the_app_keeps_working(page, demo
 
 
 def test_an_example_is_answered_with_the_default_settings(page, demo_model):
-    from mlx_eve.app import TEXT_EXAMPLE
+    from mlx_eve.chat_app import TEXT_EXAMPLE
 
     # Settings is never opened here: its default values must reach the model all the same.
     page.locator("#examples").get_by_text(TEXT_EXAMPLE).click()

@@ -286,7 +286,7 @@ def test_a_model_that_does_not_load_is_one_line(tmp_path, broken):
     ],
 )
 def test_bad_options_are_refused_when_parsed(args, message, capsys):
-    from mlx_eve.app import build_parser
+    from mlx_eve.commands.app import build_parser
 
     with pytest.raises(SystemExit) as exit:
         build_parser().parse_args(args)
@@ -294,7 +294,7 @@ def test_bad_options_are_refused_when_parsed(args, message, capsys):
 
 
 def test_help_tells_the_defaults_and_what_share_does(capsys):
-    from mlx_eve.app import build_parser
+    from mlx_eve.commands.app import build_parser
 
     with pytest.raises(SystemExit):
         build_parser().parse_args(["--help"])

@@ -13,9 +13,9 @@ from mlx.utils import tree_flatten
 
 from mlx_eve import load
 from mlx_eve.adapters import make_trainable
+from mlx_eve.commands.generate import main as generate_main
 from mlx_eve.errors import CheckpointError
 from mlx_eve.families import TEXT_LINEARS
-from mlx_eve.generate import main as generate_main
 
 
 def edit_json(name: str, change: Callable[[object], object]) -> Callable[[Path], None]:

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 from processes import restore_ctrl_c
 
-from mlx_eve import caption
+from mlx_eve.commands import caption
 
 ROOT = Path(__file__).resolve().parent.parent
 FIELDS = {"path", "prompt", "answer", "prompt_tokens", "image_tokens", "generation_tokens", "seconds"}

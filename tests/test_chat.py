@@ -255,7 +255,7 @@ def test_a_conversation_over_the_context_is_an_error_and_stays_usable(checkpoint
 @pytest.fixture
 def app(v2_model):
     pytest.importorskip("gradio")
-    from mlx_eve.app import ChatApp
+    from mlx_eve.chat_app import ChatApp
 
     app = ChatApp(*v2_model, "tiny")
     yield app
@@ -270,7 +270,7 @@ def send(app, tab, history, text, image=None, max_tokens=5):
 
 
 def test_app_reports_a_bad_upload_in_the_chat_and_keeps_the_conversation(app, images, tmp_path):
-    from mlx_eve.app import Tab
+    from mlx_eve.chat_app import Tab
 
     tab = Tab()
     history, footer = send(app, tab, [], "What is it?", images["wide"])
@@ -290,7 +290,7 @@ def test_app_reports_a_bad_upload_in_the_chat_and_keeps_the_conversation(app, im
 
 
 def test_app_starts_a_new_conversation_for_a_new_image(app, images):
-    from mlx_eve.app import Tab
+    from mlx_eve.chat_app import Tab
 
     tab = Tab()
     history, _ = send(app, tab, [], "What is it?", images["wide"])
@@ -306,7 +306,7 @@ def test_app_starts_a_new_conversation_for_a_new_image(app, images):
 
 def test_app_answers_with_an_evev1_model(v1_model, images):
     pytest.importorskip("gradio")
-    from mlx_eve.app import ChatApp, Tab
+    from mlx_eve.chat_app import ChatApp, Tab
 
     app = ChatApp(*v1_model, "tiny v1")
     app.build()
@@ -316,7 +316,7 @@ def test_app_answers_with_an_evev1_model(v1_model, images):
 
 
 def test_app_reports_a_conversation_over_the_context(app, images):
-    from mlx_eve.app import Tab
+    from mlx_eve.chat_app import Tab
 
     tab = Tab()
     app.processor.context_length, context = 120, app.processor.context_length
@@ -330,7 +330,7 @@ def test_app_reports_a_conversation_over_the_context(app, images):
 
 
 def test_app_stop_ends_the_answer_and_keeps_it(app, images):
-    from mlx_eve.app import Tab
+    from mlx_eve.chat_app import Tab
 
     tab = Tab()
     history, _, pending, camera = app.submit({"text": "What is it?", "files": []}, [], tab, str(images["wide"]))
@@ -359,7 +359,7 @@ def test_app_answers_api_calls_without_history_and_stops_them_when_closing(app, 
 def test_stopping_closes_the_turn_after_the_current_token():
     from concurrent.futures import ThreadPoolExecutor
 
-    from mlx_eve.app import iterate_on
+    from mlx_eve.chat_app import iterate_on
 
     released, closed, stop = threading.Event(), threading.Event(), threading.Event()
 
@@ -381,7 +381,7 @@ def test_stopping_closes_the_turn_after_the_current_token():
 
 
 def test_without_gradio_the_app_says_how_to_install_it():
-    code = "import sys; sys.modules['gradio'] = None; from mlx_eve.app import main; sys.exit(main([]))"
+    code = "import sys; sys.modules['gradio'] = None; from mlx_eve.commands.app import main; sys.exit(main([]))"
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert "pip install 'mlx-eve[app]'" in result.stderr

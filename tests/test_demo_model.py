@@ -10,8 +10,8 @@ from bundled_image import FACTS, IMAGE, README_ANSWER, README_QUESTION, ROOT, re
 from shapes_example import SHAPES_DIR, import_example
 
 from mlx_eve import generate, load
-from mlx_eve.app import EXAMPLE_QUESTIONS
 from mlx_eve.chat import ChatSession
+from mlx_eve.chat_app import EXAMPLE_QUESTIONS
 from mlx_eve.demo import BUNDLED_MODEL
 
 

@@ -5,7 +5,8 @@ import json
 import pytest
 from PIL import Image
 
-from mlx_eve import answering, evaluate
+from mlx_eve import answering, scoring
+from mlx_eve.commands import evaluate
 
 
 @pytest.mark.parametrize(
@@ -27,13 +28,13 @@ from mlx_eve import answering, evaluate
     ],
 )
 def test_normalised_metrics(answer, reference, exact, contains):
-    assert evaluate.is_correct(answer, [reference], "exact") == exact
-    assert evaluate.is_correct(answer, [reference], "contains") == contains
+    assert scoring.is_correct(answer, [reference], "exact") == exact
+    assert scoring.is_correct(answer, [reference], "contains") == contains
 
 
 def test_normalise():
-    assert evaluate.normalise("  The Big  red-circle, on the LEFT!  ") == "big red circle on left"
-    assert evaluate.normalise("A") == evaluate.normalise("...") == ""
+    assert scoring.normalise("  The Big  red-circle, on the LEFT!  ") == "big red circle on left"
+    assert scoring.normalise("A") == scoring.normalise("...") == ""
 
 
 @pytest.fixture
@@ -77,7 +78,7 @@ def stub_answers(monkeypatch, replies):
             requests.append(request)
             yield reply if isinstance(reply, Exception) else answering.Answer(reply, usage=None)
 
-    monkeypatch.setattr(answering, "answer_in_order", fake)
+    monkeypatch.setattr(scoring, "answer_in_order", fake)
     return requests
 
 
@@ -148,10 +149,10 @@ def test_the_real_engine_answers_every_question_and_a_bad_image_is_counted_wrong
 
 def test_a_folder_without_a_test_split_uses_valid(data):
     (data / "test.jsonl").rename(data / "valid.jsonl")
-    assert evaluate.data_file(data) == data / "valid.jsonl"
+    assert scoring.data_file(data) == data / "valid.jsonl"
     (data / "valid.jsonl").rename(data / "train.jsonl")
-    with pytest.raises(evaluate.DataError, match="neither test.jsonl nor valid.jsonl"):
-        evaluate.data_file(data)
+    with pytest.raises(scoring.DataError, match="neither test.jsonl nor valid.jsonl"):
+        scoring.data_file(data)
 
 
 def test_every_bad_record_is_reported_with_its_line(data, capsys):

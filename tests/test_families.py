@@ -13,11 +13,11 @@ from mlx_lm.models import qwen3
 from PIL import Image
 
 from mlx_eve import generate, load
+from mlx_eve.commands.lora import main as lora_main
 from mlx_eve.conversion import convert
 from mlx_eve.errors import CheckpointError
 from mlx_eve.families import FAMILIES, TEXT_LINEARS, Family, family_of, register
 from mlx_eve.image_processing import AnyPixelProcessor, AnyRatioProcessor
-from mlx_eve.lora import main as lora_main
 from mlx_eve.prompts import TEMPLATES
 
 TOY = Family(

@@ -19,9 +19,10 @@ from PIL import Image, ImageDraw
 
 from mlx_eve import load
 from mlx_eve.adapters import prepare_model
+from mlx_eve.commands.lora import main as lora_main
+from mlx_eve.commands.lora import resolve_args
 from mlx_eve.data import DataError, load_splits
-from mlx_eve.lora import adapter_config, resolve_args
-from mlx_eve.lora import main as lora_main
+from mlx_eve.fine_tuning import adapter_config
 from mlx_eve.models import IMAGE_TOKEN_ID
 from mlx_eve.trainer import (
     TrainingArgs,
@@ -195,6 +196,15 @@ def _losses(log):
     return [float(line.split("Train loss ")[1].split(",")[0]) for line in log if "Train loss" in line]
 
 
+def lora_argv(model, data, *switches: str, **options) -> list:
+    """A ``mlx_eve.lora`` command line: ``--model``, ``--data``, the ``switches`` (``--train``), then each option
+    (``batch_size=4`` → ``--batch-size 4``)."""
+    argv = ["--model", str(model), "--data", str(data), *switches]
+    for name, value in options.items():
+        argv += ["--" + name.replace("_", "-"), str(value)]
+    return argv
+
+
 def _lora(path, targets, fine_tune_type="lora", **extra):
     model, processor = load(str(path))
     args = resolve_args(
@@ -365,16 +375,7 @@ def test_a_good_checkpoint_survives_a_later_explosion(v2_path, dataset, tmp_path
 
 
 def test_resume_without_a_checkpoint_says_so(v2_path, dataset, tmp_path, capsys):
-    argv = [
-        "--model",
-        str(v2_path),
-        "--data",
-        str(dataset),
-        "--train",
-        "--resume",
-        "--adapter-path",
-        str(tmp_path / "none"),
-    ]
+    argv = lora_argv(v2_path, dataset, "--train", "--resume", adapter_path=tmp_path / "none")
     assert lora_main(argv) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: Nothing to resume") and err.count("\n") == 1
@@ -424,22 +425,15 @@ def run_lora(*args, **kwargs):
 
 def test_ctrl_c_saves_and_resume_continues(v2_path, dataset, tmp_path):
     adapters = tmp_path / "adapters"
-    common = [
-        "--model",
-        str(v2_path),
-        "--data",
-        str(dataset),
-        "--adapter-path",
-        str(adapters),
-        "--batch-size",
-        "4",
-        "--learning-rate",
-        "1e-3",
-        "--steps-per-report",
-        "1",
-        "--steps-per-eval",
-        "1000",
-    ]
+    common = lora_argv(
+        v2_path,
+        dataset,
+        adapter_path=adapters,
+        batch_size=4,
+        learning_rate="1e-3",
+        steps_per_report=1,
+        steps_per_eval=1000,
+    )
     process = run_lora("--train", "--iters", "100000", "--save-every", "100000", *common)
     output = []
     for line in process.stdout:
@@ -507,19 +501,7 @@ def test_lora_with_the_patch_embedding_loads_and_fuses_and_foreign_tensors_are_r
     from mlx_eve.fusion import fuse
 
     adapters = tmp_path / "adapters"
-    argv = [
-        "--model",
-        str(v2_path),
-        "--data",
-        str(dataset),
-        "--train",
-        "--iters",
-        "2",
-        "--batch-size",
-        "4",
-        "--learning-rate",
-        "1e-2",
-    ]
+    argv = lora_argv(v2_path, dataset, "--train", iters=2, batch_size=4, learning_rate="1e-2")
     assert lora_main([*argv, "--train-patch-embedding", "--adapter-path", str(adapters)]) == 0
     saved = mx.load(str(adapters / "adapters.safetensors"))
     key = "model.vision_tower.patch_embedding.0.weight"
@@ -540,19 +522,7 @@ def test_lora_with_the_patch_embedding_loads_and_fuses_and_foreign_tensors_are_r
 
 def test_full_training_with_a_frozen_patch_embedding_keeps_it_and_loads_back(v2_path, dataset, tmp_path):
     adapters = tmp_path / "adapters"
-    argv = [
-        "--model",
-        str(v2_path),
-        "--data",
-        str(dataset),
-        "--train",
-        "--iters",
-        "2",
-        "--batch-size",
-        "4",
-        "--learning-rate",
-        "1e-2",
-    ]
+    argv = lora_argv(v2_path, dataset, "--train", iters=2, batch_size=4, learning_rate="1e-2")
     assert (
         lora_main([*argv, "--fine-tune-type", "full", "--freeze-patch-embedding", "--adapter-path", str(adapters)]) == 0
     )
@@ -578,24 +548,7 @@ def test_fuse_into_a_quantized_base_warns_and_can_dequantize(v2_path, dataset, t
     from mlx_eve.fusion import fuse
 
     q8 = convert(str(v2_path), tmp_path / "q8", quantize=True, q_bits=8)
-    assert (
-        lora_main(
-            [
-                "--model",
-                str(q8),
-                "--data",
-                str(dataset),
-                "--train",
-                "--iters",
-                "2",
-                "--batch-size",
-                "4",
-                "--adapter-path",
-                str(tmp_path / "a"),
-            ]
-        )
-        == 0
-    )
+    assert lora_main(lora_argv(q8, dataset, "--train", iters=2, batch_size=4, adapter_path=tmp_path / "a")) == 0
     requantized, _ = load(str(fuse(str(q8), str(tmp_path / "a"), str(tmp_path / "f1"))))
     assert "base model is quantized" in capfd.readouterr().err
     assert isinstance(requantized.layers[0].self_attn.q_proj, nn.QuantizedLinear)
@@ -609,26 +562,18 @@ def test_two_processes_train_like_one_with_the_same_global_batch(v2_path, datase
     if not launcher.exists():
         pytest.skip("mlx.launch is not installed")
     script = tmp_path / "lora_entry.py"
-    script.write_text("import sys\nfrom mlx_eve.lora import main\nsys.exit(main())\n")
-    common = [
-        "--model",
-        str(v2_path),
-        "--data",
-        str(dataset),
+    script.write_text("import sys\nfrom mlx_eve.commands.lora import main\nsys.exit(main())\n")
+    common = lora_argv(
+        v2_path,
+        dataset,
         "--train",
-        "--iters",
-        "6",
-        "--batch-size",
-        "4",
-        "--learning-rate",
-        "1e-3",
-        "--steps-per-report",
-        "1",
-        "--steps-per-eval",
-        "1000",
-        "--save-every",
-        "6",
-    ]
+        iters=6,
+        batch_size=4,
+        learning_rate="1e-3",
+        steps_per_report=1,
+        steps_per_eval=1000,
+        save_every=6,
+    )
     one = subprocess.run(
         [sys.executable, str(script), *common, "--adapter-path", str(tmp_path / "one")],
         cwd=ROOT,
@@ -673,23 +618,16 @@ def test_two_processes_train_like_one_with_the_same_global_batch(v2_path, datase
 
 def test_gradient_checkpointing_gives_the_same_training(v2_path, dataset, tmp_path):
     """Run as subprocesses: checkpointing patches the decoder layer class for the whole process."""
-    common = [
-        "--model",
-        str(v2_path),
-        "--data",
-        str(dataset),
+    common = lora_argv(
+        v2_path,
+        dataset,
         "--train",
-        "--iters",
-        "3",
-        "--batch-size",
-        "4",
-        "--learning-rate",
-        "1e-3",
-        "--steps-per-report",
-        "1",
-        "--steps-per-eval",
-        "1000",
-    ]
+        iters=3,
+        batch_size=4,
+        learning_rate="1e-3",
+        steps_per_report=1,
+        steps_per_eval=1000,
+    )
     runs = []
     for extra in ([], ["--grad-checkpoint"]):
         process = run_lora(*common, "--adapter-path", str(tmp_path / f"a{len(runs)}"), *extra)
@@ -706,24 +644,7 @@ def test_fuse_writes_a_16_bit_base_back_in_16_bits(v2_path, dataset, tmp_path):
     from mlx_eve.fusion import fuse
 
     fp16 = convert(str(v2_path), tmp_path / "fp16", dtype="float16")
-    assert (
-        lora_main(
-            [
-                "--model",
-                str(fp16),
-                "--data",
-                str(dataset),
-                "--train",
-                "--iters",
-                "2",
-                "--batch-size",
-                "4",
-                "--adapter-path",
-                str(tmp_path / "a"),
-            ]
-        )
-        == 0
-    )
+    assert lora_main(lora_argv(fp16, dataset, "--train", iters=2, batch_size=4, adapter_path=tmp_path / "a")) == 0
     out = fuse(str(fp16), str(tmp_path / "a"), str(tmp_path / "fused"))
     assert {v.dtype for f in out.glob("*.safetensors") for v in mx.load(str(f)).values()} == {mx.float16}
     assert json.loads((out / "config.json").read_text())["torch_dtype"] == "float16"
@@ -755,20 +676,7 @@ def test_the_readme_example_config_trains_with_typed_values(v2_path, dataset, tm
         resolve_args(["-c", "config.yaml", "--iters", "1000"]).iters == 1000
     )  # the command line wins, at the default too
     # The run itself, on the test model and data, for two steps.
-    argv = [
-        "--model",
-        str(v2_path),
-        "--data",
-        str(dataset),
-        "--max-size",
-        "224",
-        "--iters",
-        "2",
-        "--warmup",
-        "0",
-        "--adapter-path",
-        "out",
-    ]
+    argv = lora_argv(v2_path, dataset, max_size=224, iters=2, warmup=0, adapter_path="out")
     assert lora_main(["-c", "config.yaml", *argv]) == 0
     saved = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
     assert (

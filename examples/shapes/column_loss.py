@@ -38,10 +38,11 @@ import mlx.core as mx
 import numpy as np
 from mlx_lm.models.base import create_attention_mask
 
+from mlx_eve.commands.lora import resolve_args
 from mlx_eve.errors import EVEError, run_cli
 from mlx_eve.families import family_of
+from mlx_eve.fine_tuning import fine_tune
 from mlx_eve.loading import read_config
-from mlx_eve.lora import resolve_args, run
 from mlx_eve.models.base import image_spans
 from mlx_eve.models.eve_qwen2 import DecoderLayer, Modality, route
 from mlx_eve.processor import read_tokenizer
@@ -297,7 +298,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         normalisation = normalisation_of(model) if known.binding_loss or known.start_loss else None
         binding = binding_for(model, known.binding_loss, normalisation) if known.binding_loss else None
         starts = Starts(known.start_loss, normalisation) if known.start_loss else None
-        run(args, loss=column_loss(known.column_loss, binding, starts))
+        fine_tune(args, loss=column_loss(known.column_loss, binding, starts))
 
     return run_cli(go)
 

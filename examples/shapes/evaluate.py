@@ -13,7 +13,8 @@ import sys
 from pathlib import Path
 from typing import Dict, List, Optional, Union
 
-import mlx_eve.evaluate as evaluation
+from mlx_eve import scoring
+from mlx_eve.commands import evaluate as evaluate_command
 from mlx_eve.records import parse_record
 
 
@@ -34,15 +35,15 @@ def evaluate(model, processor, samples: List[dict], data_dir: Union[str, Path], 
     Returns ``accuracy`` (overall), ``by_type`` ({question type: accuracy}), ``counts`` ({question type:
     number of samples}) and ``wrong`` (one dict per wrong answer: image, question, expected, answer normalised).
     """
-    questions = [evaluation.parse_question(s, f"sample {i}", Path(data_dir)) for i, s in enumerate(samples, 1)]
-    predictions = list(evaluation.predict(model, processor, questions, max_tokens=max_tokens))
-    by_type = evaluation.tally(predictions)
+    questions = [scoring.parse_question(s, f"sample {i}", Path(data_dir)) for i, s in enumerate(samples, 1)]
+    predictions = list(scoring.predict(model, processor, questions, max_tokens=max_tokens))
+    by_type = scoring.tally(predictions)
     wrong = [
         {
             "image": str(p.question.images[0].relative_to(Path(data_dir))),
             "question": p.question.text,
             "expected": p.question.references[0],
-            "answer": evaluation.normalise(p.answer or ""),
+            "answer": scoring.normalise(p.answer or ""),
         }
         for p in predictions
         if not p.correct
@@ -61,7 +62,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--split", default="test")
     args, rest = p.parse_known_args(argv)
     data = [] if args.data is None else ["--data", str(args.data / f"{args.split}.jsonl")]
-    return evaluation.main(["--max-tokens", "8", *data, *rest])
+    return evaluate_command.main(["--max-tokens", "8", *data, *rest])
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from mlx.nn.layers.distributed import shard_linear
 from mlx.utils import tree_flatten, tree_unflatten
 
 from ..errors import EVEError
+from ..families import Family, family_of
 
 # The reference marks an image position with -200 (EVEv*/eve/constants.py). Our processor repeats it once
 # per image embedding, so token count == embedding count and the decoder can tell image rows from text rows.
@@ -135,6 +136,11 @@ class EVEModel(nn.Module):
         # Set by `load` to the tokenizer's length: the reference resizes the vocabulary to it, so rows
         # beyond it must never be sampled.
         self.vocab_limit: Optional[int] = None
+
+    @property
+    def family(self) -> Family:
+        """This model's record in the family table: its name, processor, template, LoRA targets, ..."""
+        return family_of(self.model_type)
 
     def __call__(self, inputs: mx.array, cache=None, input_embeddings: Optional[mx.array] = None) -> mx.array:
         return self.logits(self.model(inputs, cache, input_embeddings))

@@ -1,0 +1,198 @@
+"""Ask one question about many images: the ``caption`` command.
+
+    python -m mlx_eve.caption --model M --images photos/ --prompt "Describe the image." --output answers.jsonl
+
+Writes one line per image, in the order the images were found (sorted, folders searched recursively), each
+complete and flushed as soon as its answer is: an interrupted run leaves a valid file, and running the same
+command again answers only the images the file does not hold yet.
+"""
+
+import argparse
+import csv
+import glob
+import io
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+from ..arguments import COUNT, NON_NEGATIVE, ArgumentParser, add_model_options
+from ..errors import EVEError, run_cli
+from .generate import read_prompt
+
+# What a folder or a pattern contributes; a file named outright is read whatever its name.
+IMAGE_EXTENSIONS = {
+    ".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm",
+    ".pnm", ".tga", ".ico",
+}  # fmt: skip
+# The columns of both formats. An image that could not be answered has only path and error.
+COLUMNS = ["path", "prompt", "answer", "prompt_tokens", "image_tokens", "generation_tokens", "seconds", "error"]
+FORMATS = ("jsonl", "csv")
+
+
+def find_images(sources: Sequence[str]) -> List[Path]:
+    """The images named by ``sources`` (files, folders searched recursively, glob patterns, ``**`` included),
+    each source's sorted, without repeats. Hidden files and folders are left out of searches."""
+    found: Dict[Path, None] = {}
+    for source in sources:
+        path = Path(source).expanduser()
+        if path.is_file():
+            found[path] = None
+            continue
+        if path.is_dir():
+            candidates = [
+                p for p in path.rglob("*") if not any(part.startswith(".") for part in p.relative_to(path).parts)
+            ]
+        else:
+            candidates = [Path(p) for p in glob.glob(str(path), recursive=True)]
+            if not candidates:
+                raise EVEError(f"No such file or folder, and nothing matches the pattern: {source}")
+        found.update(
+            dict.fromkeys(sorted(p for p in candidates if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS))
+        )
+    if not found:
+        raise EVEError(f"No images ({', '.join(sorted(IMAGE_EXTENSIONS))}) in {' '.join(sources)}.")
+    return list(found)
+
+
+class Output:
+    """The answers file: the paths it already holds, and one complete, flushed line per ``write``."""
+
+    def __init__(self, path: Path, format: str, overwrite: bool):
+        self.path, self.format = path, format
+        if not path.parent.is_dir():
+            raise EVEError(f"No such folder for --output: {path.parent}")
+        self.done = set() if overwrite or not path.exists() else self._read_done()
+        self._file = open(path, "w" if overwrite else "a", encoding="utf-8", newline="")
+        self._csv = csv.DictWriter(self._file, COLUMNS, lineterminator="\n") if format == "csv" else None
+        if self._csv and self._file.tell() == 0:
+            self._csv.writeheader()
+            self._file.flush()
+
+    def _read_done(self) -> set:
+        """The paths of the complete lines. An incomplete last line (a run killed mid-write) is cut off, once
+        the file's beginning shows that this command wrote it."""
+        raw = self.path.read_bytes()
+        end = _complete_end(raw, self.format)
+        beginning = (",".join(COLUMNS) + "\n" if self.format == "csv" else '{"path": ').encode()
+        head = raw[:end] or raw  # the complete lines, or the start of the first one
+        if not (head.startswith(beginning) or beginning.startswith(head)):
+            raise EVEError(f"{self.path} was not written by this command; use --overwrite or another --output.")
+        text = raw[:end].decode("utf-8", errors="replace")
+        if self.format == "csv":
+            done = {row["path"] for row in csv.DictReader(io.StringIO(text, newline=""))}
+        else:
+            done = set()
+            for number, line in enumerate(text.splitlines(), 1):
+                try:
+                    done.add(json.loads(line)["path"])
+                except (json.JSONDecodeError, TypeError, KeyError):
+                    raise EVEError(f"{self.path}:{number} is not a line this command wrote.") from None
+        if end < len(raw):
+            print(f"[WARNING] Dropping an incomplete last line of {self.path}.", file=sys.stderr)
+            with open(self.path, "r+b") as f:
+                f.truncate(end)
+        return done
+
+    def write(self, row: dict) -> None:
+        if self._csv:
+            self._csv.writerow(row)
+        else:
+            self._file.write(json.dumps(row, ensure_ascii=False) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def _complete_end(raw: bytes, format: str) -> int:
+    """Where the last complete line of ``raw`` ends. In a CSV a line ends at a newline outside quotes (an
+    answer may hold newlines); JSON escapes every newline in its strings."""
+    if format == "jsonl":
+        return raw.rfind(b"\n") + 1
+    end, quoted = 0, False
+    for i, byte in enumerate(raw):
+        if byte == ord('"'):
+            quoted = not quoted
+        elif byte == ord("\n") and not quoted:
+            end = i + 1
+    return end
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = ArgumentParser(description="Ask an EVE model the same question about many images; one line per image.")
+    add = p.add_argument
+    add_model_options(p)
+    add("--images", nargs="+", required=True, help="Image files, folders (searched recursively) or glob patterns.")
+    add("--prompt", "-p", default=None, help="The question ('-' reads stdin; default: 'Describe the image.').")
+    add("--system-prompt", default=None, help="Replace the template's system prompt.")
+    add("--output", "-o", type=Path, required=True, help="The answers file (JSONL, or CSV with --format csv).")
+    add("--format", choices=FORMATS, default=None, help="Output format (default: csv for a .csv --output, else jsonl).")
+    add("--overwrite", action="store_true", help="Start again instead of skipping images already in --output.")
+    add("--batch-size", type=COUNT, default=8, help="Images answered together (default %(default)s).")
+    add("--max-tokens", "-m", type=COUNT, default=256, help="Maximum answer length (default %(default)s).")
+    add("--temp", "--temperature", dest="temp", type=NON_NEGATIVE, default=0.0, help="Sampling temperature.")
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.format is None:
+        args.format = "csv" if args.output.suffix.lower() == ".csv" else "jsonl"
+    return run_cli(lambda: run(args), f"interrupted: every answer so far is in {args.output}; run again to go on")
+
+
+def run(args: argparse.Namespace) -> None:
+    prompt = read_prompt(args.prompt, with_images=True)
+    images = find_images(args.images)
+    output = Output(args.output, args.format, args.overwrite)
+    try:
+        todo = [path for path in images if str(path) not in output.done]
+        if not todo:
+            print(f"All {len(images)} images are already in {args.output} (--overwrite to start again).")
+            return
+        if len(todo) < len(images):
+            print(f"{len(images) - len(todo)} of {len(images)} images are already in {args.output}.")
+        caption(args, prompt, todo, output, len(images))
+    finally:
+        output.close()
+
+
+def caption(args: argparse.Namespace, prompt: str, images: List[Path], output: Output, total: int) -> None:
+    """Answer ``prompt`` about each of ``images`` into ``output``, counting the images that fail."""
+    # The library (and mlx-lm with it) once the arguments are good: see the package's docstring.
+    from ..answering import Request, answer_in_order
+    from ..loading import load
+    from ..request import SamplingParams
+    from .progress import advance, progress_bar
+
+    model, processor = load(args.model, adapter_path=args.adapter_path, max_size=args.max_size)
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temp)
+    requests = (Request(prompt, [path], args.system_prompt) for path in images)
+    answers = answer_in_order(model, processor, requests, params, batch_size=args.batch_size)
+    errors, tic = 0, time.perf_counter()
+    with progress_bar(total, total - len(images), "image") as bar:
+        for path, answer in zip(images, answers):
+            if isinstance(answer, EVEError):
+                errors += 1
+                output.write({"path": str(path), "error": str(answer)})
+            else:
+                usage = answer.usage
+                output.write(
+                    {
+                        "path": str(path),
+                        "prompt": prompt,
+                        "answer": answer.text.strip(),
+                        "prompt_tokens": usage.prompt_tokens,
+                        "image_tokens": usage.image_tokens,
+                        "generation_tokens": usage.completion_tokens,
+                        "seconds": round(answer.seconds, 3),
+                    }
+                )
+            advance(bar, f"{errors} unreadable" if errors else "")
+    print(
+        f"Done in {time.perf_counter() - tic:.1f} s: {len(images) - errors} answered"
+        + (f", {errors} could not be read (error lines)" if errors else "")
+        + f"; all in {args.output}."
+    )
