@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 from shapes_example import import_example
 
-from mlx_eve import answering
+from mlx_eve import answering, scoring
 
 VOCABULARY = {
     "colour": {"red", "green", "blue", "yellow", "purple"},
@@ -288,7 +288,7 @@ def _stub_answers(monkeypatch, reply):
             calls.append(prompt)
             yield answering.Answer(reply(prompt, image), usage=None)
 
-    monkeypatch.setattr(answering, "answer_in_order", fake_answer_in_order)
+    monkeypatch.setattr(scoring, "answer_in_order", fake_answer_in_order)
     return calls
 
 
@@ -340,3 +340,24 @@ def test_training_continues_at_a_new_resolution(tmp_path):
     assert json.loads((copy / "config.json").read_text())["mm_vision_tower"].endswith("-res320-patch16")
     assert (copy / "model.safetensors").read_bytes() == (BUNDLED_MODEL / "model.safetensors").read_bytes()
     assert json.loads((BUNDLED_MODEL / "preprocessor_config.json").read_text())["max_size"] == stored
+
+
+def test_train_takes_make_datasets_options_and_passes_them_on():
+    """train.py's dataset options are make_dataset.py's: given to train.py, they reach make_dataset.py as given;
+    not given, make_dataset.py gets train.py's defaults (more turns and close-ups, a larger test split) or its own."""
+    train, make_dataset = import_example("train"), import_example("make_dataset")
+    given = ["--train-samples", "64", "--seed", "5", "--even-counts", "0.3", "--image-size", "80", "120"]
+    flags = train.dataset_flags(train.build_parser().parse_args([*given, "--iters", "3"]), Path("data"))
+    dataset = vars(make_dataset.build_parser().parse_args(flags))
+    defaults = vars(make_dataset.build_parser().parse_args(["--out", "data"]))
+    assert dataset == {
+        **defaults,
+        "train": 64,
+        "test": 1000,
+        "seed": 5,
+        "train_turns": 4,
+        "close_ups": 0.25,
+        "even_counts": 0.3,
+        "image_size": [80, 120],
+    }
+    assert train.build_parser().parse_args(["--train", "7", "--out", "model"]).out == Path("model")  # not the data

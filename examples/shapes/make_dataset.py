@@ -361,8 +361,8 @@ def write_split(
     return path
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Generate the synthetic shapes VQA dataset.")
+def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Generate the synthetic shapes VQA dataset.", add_help=add_help)
     p.add_argument("--out", required=True, type=Path, help="Output folder.")
     p.add_argument("--train", type=int, default=20000, help="Number of training samples.")
     p.add_argument("--valid", type=int, default=500, help="Number of validation samples.")

@@ -21,12 +21,19 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import List
 
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
+sys.path.insert(0, str(HERE))
+import make_dataset  # noqa: E402
+
+# Where this script's dataset differs from make_dataset.py's defaults: more questions per image, close-ups, and a
+# larger test split.
+DATASET_DEFAULTS = {"train": 20000, "valid": 500, "test": 1000, "train_turns": 4, "close_ups": 0.25}
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 SYSTEM = (
     "A chat between a curious user and an artificial intelligence assistant. "
@@ -161,46 +168,16 @@ def at_resolution(model: Path, max_size: int, out: Path) -> Path:
     return out
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def build_parser() -> argparse.ArgumentParser:
+    """make_dataset.py's options (but --out, here the finished model) for the dataset it draws, then its own."""
+    p = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        parents=[make_dataset.build_parser(add_help=False)],
+        conflict_handler="resolve",
+    )
     p.add_argument("--work", type=Path, default=ROOT / "data" / "shapes-run", help="Dataset, checkpoints and logs.")
     p.add_argument("--out", type=Path, default=ROOT / "mlx_eve" / "assets" / "eve-shapes", help="The finished model.")
-    p.add_argument("--train-samples", type=int, default=20000)
-    p.add_argument("--train-turns", type=int, default=4, help="Questions asked about each training image.")
-    p.add_argument(
-        "--close-ups", type=float, default=0.25, help="Fraction of training images showing one shape up close."
-    )
-    p.add_argument(
-        "--lone-positions",
-        type=float,
-        default=0.0,
-        help="Fraction of training images showing one shape, asked only which side it is on.",
-    )
-    p.add_argument(
-        "--paired-positions",
-        type=float,
-        default=0.0,
-        help="Fraction of training images showing two shapes on opposite sides, each asked which side it is on.",
-    )
-    p.add_argument(
-        "--even-counts",
-        type=float,
-        default=0.0,
-        help="Fraction of training images whose shapes are all big or all small, asked how many there are.",
-    )
-    p.add_argument(
-        "--largest",
-        type=float,
-        default=None,
-        help="Side of the largest big shape in training images, as a fraction of the shorter side (default: "
-        "make_dataset.py's).",
-    )
-    p.add_argument(
-        "--descriptions",
-        type=float,
-        default=0.0,
-        help="Fraction of training conversations ending with a left-to-right list of the shapes.",
-    )
+    p.add_argument("--train-samples", dest="train", type=int, help="make_dataset.py's --train.")
     p.add_argument(
         "--column-loss",
         type=float,
@@ -235,39 +212,28 @@ def main() -> None:
         default=None,
         help="Image resolution, about max-size² pixels (default: the --init model's; 160 for a new model).",
     )
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--init", type=Path, default=None, help="Continue training this model instead of a new one.")
-    args = p.parse_args()
+    p.set_defaults(**DATASET_DEFAULTS)
+    return p
+
+
+def dataset_flags(args: argparse.Namespace, data: Path) -> List[str]:
+    """make_dataset.py's command line for ``args``: each of its options as given here, its --out ``data``."""
+    flags = ["--out", str(data)]
+    for dest in vars(make_dataset.build_parser().parse_args(["--out", str(data)])):
+        value = getattr(args, dest)
+        if dest != "out":
+            flags += ["--" + dest.replace("_", "-"), *map(str, value if isinstance(value, list) else [value])]
+    return flags
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     data, run_dir, fused = args.work / "data", args.work / "run", args.work / "fused"
     init = args.work / "init"
 
     if not (data / "test.jsonl").exists():
-        run(
-            str(HERE / "make_dataset.py"),
-            "--out",
-            str(data),
-            "--train",
-            str(args.train_samples),
-            "--valid",
-            "500",
-            "--test",
-            "1000",
-            "--seed",
-            str(args.seed),
-            "--train-turns",
-            str(args.train_turns),
-            "--close-ups",
-            str(args.close_ups),
-            "--lone-positions",
-            str(args.lone_positions),
-            "--paired-positions",
-            str(args.paired_positions),
-            "--even-counts",
-            str(args.even_counts),
-            *(["--largest", str(args.largest)] if args.largest is not None else []),
-            "--descriptions",
-            str(args.descriptions),
-        )
+        run(str(HERE / "make_dataset.py"), *dataset_flags(args, data))
     if args.init:
         init = at_resolution(args.init, args.max_size, init) if args.max_size else args.init
     elif not (init / "config.json").exists():
