@@ -43,3 +43,8 @@ def run_cli(command: Callable[[], object], interrupted: str = "interrupted") -> 
         print(f"\n{interrupted}", file=sys.stderr)
         return 130
     return 0
+
+
+def shorten(text: str, limit: int = 80) -> str:
+    """``text`` cut to ``limit`` characters (with an ellipsis) for an error message."""
+    return text if len(text) <= limit else text[: limit - 1] + "…"

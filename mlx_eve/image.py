@@ -2,8 +2,6 @@
 
 import io
 import os
-import urllib.error
-import urllib.request
 import warnings
 from pathlib import Path
 from typing import Union
@@ -12,6 +10,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import ImageError
+from .image_fetching import download
 
 ImageInput = Union[str, os.PathLike, bytes, Image.Image, np.ndarray]
 
@@ -32,7 +31,7 @@ def load_image(source: ImageInput) -> Image.Image:
     elif isinstance(source, (str, os.PathLike)):
         name = str(source)
         if name.startswith(("http://", "https://")):
-            image = _open(io.BytesIO(_download(name)), name)
+            image = _open(io.BytesIO(download(name, MAX_DOWNLOAD_BYTES, DOWNLOAD_TIMEOUT_S)), name)
         else:
             path = Path(name).expanduser()
             if not path.is_file():
@@ -48,18 +47,6 @@ def load_image(source: ImageInput) -> Image.Image:
         return _to_rgb(image)
     except (OSError, ValueError, SyntaxError) as e:
         raise ImageError(f"Could not read image {name}: {e}") from e
-
-
-def _download(url: str) -> bytes:
-    request = urllib.request.Request(url, headers={"User-Agent": "mlx-eve"})
-    try:
-        with urllib.request.urlopen(request, timeout=DOWNLOAD_TIMEOUT_S) as response:
-            data = response.read(MAX_DOWNLOAD_BYTES + 1)
-    except (urllib.error.URLError, OSError, ValueError) as e:
-        raise ImageError(f"Could not download image {url}: {getattr(e, 'reason', e)}") from e
-    if len(data) > MAX_DOWNLOAD_BYTES:
-        raise ImageError(f"Image {url} is larger than {MAX_DOWNLOAD_BYTES // 2**20} MB.")
-    return data
 
 
 def _open(fp, name: str) -> Image.Image:

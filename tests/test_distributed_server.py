@@ -26,10 +26,12 @@ import tiny_checkpoints
 from processes import LAUNCHER, ROOT, command, start_server, stop_server, wait_for_log
 
 from mlx_eve import load
+from mlx_eve.api.chat_completions import parse_chat_request
+from mlx_eve.api.serving import ServerSettings
 from mlx_eve.broadcast import Plan, decode_plan, encode_plan, pack, unpack
 from mlx_eve.engine import Engine, _cache_key
+from mlx_eve.image_fetching import read_image
 from mlx_eve.request import Request, SamplingParams
-from mlx_eve.server import ServerSettings, parse_chat_request, read_image
 
 LONG = 20000  # max_tokens of an answer that is stopped long before its end
 MODEL = "default_model"  # a name the server answers to, whatever it serves

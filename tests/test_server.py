@@ -408,8 +408,9 @@ def small_app(v2_model):
     """The app around an engine that decodes one request and queues one more."""
     from starlette.testclient import TestClient
 
+    from mlx_eve.api.app import create_app
+    from mlx_eve.api.serving import ServerSettings
     from mlx_eve.engine import Engine
-    from mlx_eve.server import ServerSettings, create_app
 
     model, processor = v2_model
     engine = Engine(model, processor, max_batch_size=1, max_queued=1, prompt_cache_bytes=0)
@@ -423,14 +424,14 @@ def small_app(v2_model):
 
 
 def test_a_bug_is_a_500_in_openai_shape_and_the_server_goes_on(small_app, monkeypatch):
-    from mlx_eve import server
+    from mlx_eve.api.chat_completions import Reply
 
     engine, http = small_app
     body = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3}
-    monkeypatch.setattr(server.Reply, "completion", lambda *args: 1 / 0)
+    monkeypatch.setattr(Reply, "completion", lambda *args: 1 / 0)
     response = http.post("/v1/chat/completions", json=body)
     assert response.status_code == 500 and response.json()["error"]["type"] == "server_error"
-    monkeypatch.setattr(server.Reply, "logprob", lambda *args: 1 / 0)
+    monkeypatch.setattr(Reply, "logprob", lambda *args: 1 / 0)
     with http.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as response:
         events = [line for line in response.iter_lines() if line.startswith("data: ")]
     assert response.status_code == 200 and json.loads(events[-1][6:])["error"]["type"] == "server_error"

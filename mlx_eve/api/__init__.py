@@ -1,0 +1,10 @@
+"""The HTTP server in front of the batching ``Engine``: one module per protocol over one shared engine call.
+
+- ``openai.py``: OpenAI's chat completions (request checks, whole answers and streamed chunks, usage);
+- ``streaming.py``: what every protocol shares, the events of an engine ``Stream`` as the client waits for them;
+- ``errors.py``: errors with their HTTP status;
+- ``app.py``: the FastAPI application (key check, bounded bodies, routes);
+- ``lifecycle.py``: the process: loading, warm-up, uvicorn, Ctrl-C, several processes.
+
+Needs FastAPI and uvicorn (``pip install 'mlx-eve[server]'``); the command is ``mlx_eve.commands.server``.
+"""

@@ -1,0 +1,262 @@
+"""OpenAI's chat completions, ``POST /v1/chat/completions``: the request checked field by field, the answer whole
+(``chat.completion``) or streamed in chunks (``chat.completion.chunk``), with usage and log-probabilities."""
+
+import json
+import logging
+import math
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, AsyncIterator, Dict, List, Optional
+
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from mlx_lm.tokenizer_utils import TokenizerWrapper
+
+from ..engine import Event, Stream, Usage
+from ..errors import EVEError, shorten
+from ..prompts import IMAGE_PLACEHOLDER
+from ..request import SamplingParams
+from .errors import INTERNAL_ERROR, APIError, ClientGone, api_error
+from .serving import Receive, Served, server_sent
+
+MAX_TOP_LOGPROBS = 20  # OpenAI's limit
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ChatRequest:
+    """A checked ``/v1/chat/completions`` body."""
+
+    model: Optional[str]
+    messages: List[Dict[str, str]]  # for the engine: each image part became an <image> in its message's text
+    image_urls: List[str]  # in the order of the <image> placeholders
+    params: SamplingParams
+    stream: bool
+    include_usage: bool
+
+
+def parse_chat_request(body: Dict[str, Any]) -> ChatRequest:
+    """Check a request body (``APIError`` 400 naming the faulty field); fields it does not know are ignored."""
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise APIError(400, "'messages' must be a non-empty list of messages.", "messages")
+    image_urls: List[str] = []
+    converted = [_message(message, f"messages[{i}]", image_urls) for i, message in enumerate(messages)]
+    _option(body, "n", int, "1 (one answer per request)", lambda v: v == 1)
+    max_tokens = _option(body, "max_completion_tokens", int, "an integer >= 1", lambda v: v >= 1)
+    if max_tokens is None:
+        max_tokens = _option(body, "max_tokens", int, "an integer >= 1", lambda v: v >= 1)
+    logprobs = _option(body, "logprobs", bool, "true or false", default=False)
+    top_logprobs = _option(
+        body, "top_logprobs", int, f"an integer from 0 to {MAX_TOP_LOGPROBS}", lambda v: 0 <= v <= MAX_TOP_LOGPROBS
+    )
+    if top_logprobs is not None and not logprobs:
+        raise APIError(400, "'top_logprobs' needs 'logprobs': true.", "top_logprobs")
+    defaults = SamplingParams()
+    params = SamplingParams(
+        max_tokens=defaults.max_tokens if max_tokens is None else max_tokens,
+        temperature=_option(body, "temperature", float, "a number >= 0", lambda v: v >= 0, defaults.temperature),
+        top_p=_option(body, "top_p", float, "a number in (0, 1]", lambda v: 0 < v <= 1, defaults.top_p),
+        top_k=_option(body, "top_k", int, "an integer >= 0 (0: all)", lambda v: v >= 0, defaults.top_k),
+        min_p=_option(body, "min_p", float, "a number in [0, 1]", lambda v: 0 <= v <= 1, defaults.min_p),
+        repetition_penalty=_option(body, "repetition_penalty", float, "a number > 0", lambda v: v > 0),
+        repetition_context_size=_option(
+            body, "repetition_context_size", int, "an integer >= 1", lambda v: v >= 1, defaults.repetition_context_size
+        ),
+        stop=_stop(body.get("stop")),
+        top_logprobs=(top_logprobs or 0) if logprobs else None,
+        seed=_option(body, "seed", int, "an integer >= 0", lambda v: v >= 0),
+    )
+    stream_options = _option(body, "stream_options", dict, "an object", default={})
+    return ChatRequest(
+        model=_option(body, "model", str, "a model name"),
+        messages=converted,
+        image_urls=image_urls,
+        params=params,
+        stream=_option(body, "stream", bool, "true or false", default=False),
+        include_usage=_option(stream_options, "include_usage", bool, "true or false", default=False),
+    )
+
+
+def _option(body: Dict[str, Any], name: str, kind: type, wanted: str, ok=lambda v: True, default=None) -> Any:
+    """``body[name]`` if it is a ``kind`` (an int is a float, a bool is no number) that passes ``ok``;
+    ``default`` when it is missing or null."""
+    value = body.get(name)
+    if value is None:
+        return default
+    if kind is float:
+        valid = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    else:
+        valid = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
+    if not valid or not ok(value):
+        raise APIError(400, f"Invalid '{name}': expected {wanted}, got {shorten(json.dumps(value))}.", name)
+    return value
+
+
+def _stop(stop: Any) -> List[str]:
+    if stop is None:
+        return []
+    if isinstance(stop, str):
+        return [stop]
+    if isinstance(stop, list) and all(isinstance(s, str) for s in stop):
+        return stop
+    message = f"Invalid 'stop': expected a string or a list of strings, got {shorten(json.dumps(stop))}."
+    raise APIError(400, message, "stop")
+
+
+def _message(message: Any, where: str, image_urls: List[str]) -> Dict[str, str]:
+    """An OpenAI message → ``{"role", "content"}`` with text content; image parts become ``<image>`` in place
+    (parts are joined by new lines, so an image before a question reads ``<image>\\nquestion`` as in EVE's
+    reference) and their URLs are appended to ``image_urls``."""
+    if not isinstance(message, dict):
+        raise APIError(400, f"{where} must be an object with 'role' and 'content'.", where)
+    role = message.get("role")
+    if role not in ("system", "developer", "user", "assistant"):
+        raise APIError(
+            400, f"{where} has the role {shorten(json.dumps(role))}: use system, user or assistant.", f"{where}.role"
+        )
+    content = message.get("content")
+    if isinstance(content, list):
+        content = "\n".join(_part(part, f"{where}.content[{j}]", image_urls) for j, part in enumerate(content))
+    elif not isinstance(content, str):
+        raise APIError(400, f"{where}.content must be a string or a list of content parts.", f"{where}.content")
+    return {"role": "system" if role == "developer" else role, "content": content}
+
+
+def _part(part: Any, where: str, image_urls: List[str]) -> str:
+    kind = part.get("type") if isinstance(part, dict) else None
+    if kind == "text" and isinstance(part.get("text"), str):
+        return part["text"]
+    if kind == "image_url":
+        image = part.get("image_url")
+        url = image.get("url") if isinstance(image, dict) else image
+        if isinstance(url, str) and url:
+            image_urls.append(url)
+            return IMAGE_PLACEHOLDER
+    raise APIError(
+        400,
+        f"{where} must be {{'type': 'text', 'text': ...}} or {{'type': 'image_url', 'image_url': {{'url': ...}}}}.",
+        where,
+    )
+
+
+def usage_json(usage: Usage) -> Dict[str, Any]:
+    return {
+        "prompt_tokens": usage.prompt_tokens,
+        "completion_tokens": usage.completion_tokens,
+        "total_tokens": usage.prompt_tokens + usage.completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": usage.cached_tokens, "image_tokens": usage.image_tokens},
+    }
+
+
+class Reply:
+    """The JSON of one answer, whole (``chat.completion``) or in chunks (``chat.completion.chunk``)."""
+
+    def __init__(self, model_id: str, tokenizer: TokenizerWrapper, include_usage: bool = False):
+        self.id = f"chatcmpl-{uuid.uuid4().hex}"
+        self.created = int(time.time())
+        self.model_id, self.tokenizer, self.include_usage = model_id, tokenizer, include_usage
+
+    def logprob(self, event: Event) -> Optional[Dict[str, Any]]:
+        """The ``logprobs.content`` entry of an event's token; none for the end-of-answer token, which is no text."""
+        if event.logprob is None or (event.finish_reason == "stop" and event.token in self.tokenizer.eos_token_ids):
+            return None
+        return {
+            "token": self.tokenizer.decode([event.token]),
+            "logprob": event.logprob,
+            "top_logprobs": [{"token": token, "logprob": logprob} for token, logprob in event.top_logprobs],
+        }
+
+    def completion(self, text: str, logprobs: Optional[List[Dict[str, Any]]], last: Event) -> Dict[str, Any]:
+        choice = {
+            "index": 0,
+            "message": {"role": "assistant", "content": text},
+            "logprobs": None if logprobs is None else {"content": logprobs},
+            "finish_reason": last.finish_reason,
+        }
+        return {**self._head("chat.completion"), "choices": [choice], "usage": usage_json(last.usage)}
+
+    def chunk(
+        self, delta: Dict[str, str], logprob: Optional[Dict[str, Any]] = None, finish_reason: Optional[str] = None
+    ) -> Dict[str, Any]:
+        choice = {
+            "index": 0,
+            "delta": delta,
+            "logprobs": None if logprob is None else {"content": [logprob]},
+            "finish_reason": finish_reason,
+        }
+        chunk = {**self._head("chat.completion.chunk"), "choices": [choice]}
+        if self.include_usage:
+            chunk["usage"] = None  # as OpenAI: only the last chunk, without choices, carries the usage
+        return chunk
+
+    def usage_chunk(self, usage: Usage) -> Dict[str, Any]:
+        return {**self._head("chat.completion.chunk"), "choices": [], "usage": usage_json(usage)}
+
+    def _head(self, kind: str) -> Dict[str, Any]:
+        return {"id": self.id, "object": kind, "created": self.created, "model": self.model_id}
+
+
+def log_usage(reply: Reply, last: Event) -> None:
+    u = last.usage
+    logger.info(
+        "%s: %d prompt tokens (%d image, %d cached) in %.2f s, %d tokens in %.2f s, %s",
+        reply.id,
+        u.prompt_tokens,
+        u.image_tokens,
+        u.cached_tokens,
+        u.prompt_seconds,
+        u.completion_tokens,
+        u.generation_seconds,
+        last.finish_reason,
+    )
+
+
+async def chat_completions(served: Served, body: Dict[str, Any], receive: Receive) -> Response:
+    """The answer to a chat-completions request ``body``: JSON, or an event stream with ``"stream": true``."""
+    chat = parse_chat_request(body)
+    served.check_model(chat.model)
+    stream = await served.submit(chat.messages, chat.image_urls, chat.params)
+    reply = Reply(served.settings.model_id, served.processor.tokenizer, chat.include_usage)
+    if chat.stream:
+        headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        return StreamingResponse(
+            chunks(served, reply, stream, receive), media_type="text/event-stream", headers=headers
+        )
+    return JSONResponse(await answer(served, reply, stream, receive, chat.params.top_logprobs is not None))
+
+
+async def answer(served: Served, reply: Reply, stream: Stream, receive: Receive, with_logprobs: bool) -> Dict[str, Any]:
+    text, logprobs, last = "", [], None
+    async for last in served.events(stream, receive, reply.id):
+        text += last.text
+        entry = reply.logprob(last)
+        if entry is not None:
+            logprobs.append(entry)
+    log_usage(reply, last)
+    return reply.completion(text, logprobs if with_logprobs else None, last)
+
+
+async def chunks(served: Served, reply: Reply, stream: Stream, receive: Receive) -> AsyncIterator[str]:
+    yield server_sent(reply.chunk({"role": "assistant", "content": ""}))
+    try:
+        async for event in served.events(stream, receive, reply.id):
+            entry = reply.logprob(event)
+            if event.text or entry is not None:
+                yield server_sent(reply.chunk({"content": event.text}, entry))
+            if event.finish_reason is not None:
+                yield server_sent(reply.chunk({}, finish_reason=event.finish_reason))
+                if reply.include_usage:
+                    yield server_sent(reply.usage_chunk(event.usage))
+                log_usage(reply, event)
+    except ClientGone:
+        return
+    except EVEError as error:  # the response has started: errors go in the stream, as OpenAI's do
+        yield server_sent(api_error(error).body())
+        return
+    except Exception:
+        logger.exception("%s failed", reply.id)
+        yield server_sent(INTERNAL_ERROR.body())
+        return
+    yield server_sent("[DONE]")

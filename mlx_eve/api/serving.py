@@ -1,0 +1,116 @@
+"""What every protocol of the server shares: the served model and its settings, a request submitted to the
+engine, and its events followed while the client waits for them (``follow``), streamed as server-sent events."""
+
+import asyncio
+import json
+import logging
+import threading
+from dataclasses import dataclass
+from typing import Any, AsyncIterator, Awaitable, Callable, Dict, Optional, Sequence, Tuple, Union
+
+from starlette.concurrency import run_in_threadpool
+
+from ..engine import Engine, Event, Stream
+from ..image_fetching import ImageLimits, read_image
+from ..processor import Processor
+from ..prompts import Prompt
+from ..request import SamplingParams
+from .errors import APIError, ClientGone, ServerStopping
+
+logger = logging.getLogger(__name__)
+# ASGI's ``receive``: the next message from the client's connection.
+Receive = Callable[[], Awaitable[Dict[str, Any]]]
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServerSettings(ImageLimits):
+    """What the HTTP layer checks around the engine (and, from ``ImageLimits``, where images may come from)."""
+
+    model_id: str  # the name /v1/models lists and answers carry
+    aliases: Tuple[str, ...] = ()  # other names a request may give the served model
+    api_key: Optional[str] = None
+    max_body_bytes: int = 64 * 2**20
+
+
+@dataclass
+class Served:
+    """The model a server answers with: its engine and processor, the settings, and ``stopping``, set when the
+    answers in progress must end (the server is stopping)."""
+
+    engine: Engine
+    processor: Processor
+    settings: ServerSettings
+    stopping: asyncio.Event
+
+    def check_model(self, name: Optional[str]) -> None:
+        """A request's model name must be the served model's (or an alias); none at all is fine."""
+        if name is not None and name not in (self.settings.model_id, *self.settings.aliases):
+            message = f"The model {name!r} is not served here; this server serves {self.settings.model_id!r}."
+            raise APIError(404, message, "model", "model_not_found")
+
+    async def submit(self, prompt: Prompt, image_urls: Sequence[str], params: SamplingParams) -> Stream:
+        """A request in the engine, its images read first (on a worker thread: a download can take seconds)."""
+        return await run_in_threadpool(self._submit, prompt, image_urls, params)
+
+    def _submit(self, prompt: Prompt, image_urls: Sequence[str], params: SamplingParams) -> Stream:
+        images = [read_image(url, self.settings) for url in image_urls]
+        return self.engine.submit(prompt, images=images, params=params)
+
+    def events(self, stream: Stream, receive: Receive, name: str) -> AsyncIterator[Event]:
+        return follow(stream, receive, self.stopping, name)
+
+
+async def follow(stream: Stream, receive: Receive, stopping: asyncio.Event, name: str) -> AsyncIterator[Event]:
+    """The events of ``stream`` as they come, read on a thread of their own so that the event loop never blocks.
+
+    The stream is cancelled, freeing its place in the batch, as soon as the client disconnects (``ClientGone``),
+    ``stopping`` is set (``ServerStopping``), or this generator is closed or cancelled before the last event.
+    ``name``: the request's, for the log.
+    """
+    loop = asyncio.get_running_loop()
+    events: "asyncio.Queue[Any]" = asyncio.Queue()
+
+    def put(item: Any) -> None:
+        try:
+            loop.call_soon_threadsafe(events.put_nowait, item)
+        except RuntimeError:  # the event loop has closed: nobody waits for this answer any more
+            pass
+
+    def read() -> None:
+        try:
+            for event in stream:
+                put(event)
+        except Exception as error:
+            put(error)
+
+    threading.Thread(target=read, name="mlx-eve-stream", daemon=True).start()
+    gone, stop = asyncio.ensure_future(_disconnected(receive)), asyncio.ensure_future(stopping.wait())
+    finished, tokens = False, 0
+    try:
+        while not finished:
+            item = asyncio.ensure_future(events.get())
+            await asyncio.wait({item, gone, stop}, return_when=asyncio.FIRST_COMPLETED)
+            if gone.done() or stop.done():
+                item.cancel()
+                raise ClientGone() if gone.done() else ServerStopping("The server is shutting down.")
+            if isinstance(item.result(), Exception):
+                raise item.result()
+            finished, tokens = item.result().finish_reason is not None, tokens + 1
+            yield item.result()
+    finally:
+        gone.cancel()
+        stop.cancel()
+        if not finished:
+            stream.cancel()
+            why = "the server is stopping" if stopping.is_set() else "the client disconnected"
+            logger.info("%s: cancelled after %d tokens: %s", name, tokens, why)
+
+
+async def _disconnected(receive: Receive) -> None:
+    """Returns when the client has closed the connection (ASGI ``http.disconnect``)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+def server_sent(data: Union[Dict[str, Any], str]) -> str:
+    return f"data: {data if isinstance(data, str) else json.dumps(data, separators=(',', ':'))}\n\n"

@@ -1,0 +1,67 @@
+"""The ``server`` command: an OpenAI-compatible HTTP server for an EVE model (the library is ``mlx_eve.api``).
+
+python -m mlx_eve.server --model BAAI/EVE-7B-HD-v2.0    # http://127.0.0.1:8080/v1
+"""
+
+import argparse
+import os
+from typing import List, Optional
+
+from ..arguments import COUNT, NON_NEGATIVE_INT, PORT, POSITIVE, ArgumentParser, add_model_options
+from ..errors import MissingDependencyError, run_cli
+
+INSTALL_HINT = "The server needs FastAPI and uvicorn: pip install 'mlx-eve[server]'"
+API_KEY_ENV = "MLX_EVE_API_KEY"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = ArgumentParser(description="Serve an EVE model with an OpenAI-compatible API (chat completions with images).")
+    add = p.add_argument
+    add_model_options(p)
+    add("--host", default="127.0.0.1", help="Address to listen on (default 127.0.0.1: this computer only).")
+    add(
+        "--port",
+        type=PORT,
+        default=8080,
+        help="Port to listen on (default 8080).",
+    )
+    add(
+        "--api-key",
+        metavar="KEY",
+        default=os.environ.get(API_KEY_ENV),
+        help=f"Require 'Authorization: Bearer KEY' on the API (default: ${API_KEY_ENV}, else no key).",
+    )
+    add(
+        "--allow-local-images",
+        action="store_true",
+        help="Let requests name images by local path or file:// URL (files this process can read).",
+    )
+    add(
+        "--prompt-cache-bytes",
+        type=NON_NEGATIVE_INT,
+        default=2**30,
+        help="Memory for KV caches kept for reuse by later requests (default 1 GiB; 0: none).",
+    )
+    add("--max-batch-size", type=COUNT, default=8, help="Requests decoded together (default 8).")
+    add("--max-queued", type=COUNT, default=64, help="Requests waiting beyond the batch before 503 (default 64).")
+    add("--max-body-bytes", type=COUNT, default=64 * 2**20, help="Largest request body (default 64 MiB; else 413).")
+    add("--max-image-bytes", type=COUNT, default=20 * 2**20, help="Largest image file (default 20 MiB).")
+    add("--image-timeout", type=POSITIVE, default=30.0, help="Seconds to download an image URL (default 30).")
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    return run_cli(lambda: run(args))
+
+
+def run(args: argparse.Namespace) -> None:
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError as e:
+        raise MissingDependencyError(INSTALL_HINT) from e
+    # The library (and mlx-lm with it) once the arguments are good: see the package's docstring.
+    from ..api.lifecycle import serve
+
+    serve(args)
