@@ -6,4 +6,17 @@ runs as ``python -m mlx_eve.<command>`` (the three-line ``mlx_eve/<command>.py``
 script.
 """
 
+import importlib
+
+from ..errors import MissingDependencyError
+
 COMMANDS = ["generate", "convert", "lora", "fuse", "app", "server", "caption", "evaluate"]
+
+
+def require(hint: str, *packages: str) -> None:
+    """``MissingDependencyError(hint)`` unless each of ``packages`` (an optional extra's) imports."""
+    try:
+        for package in packages:
+            importlib.import_module(package)
+    except ImportError as e:
+        raise MissingDependencyError(hint) from e

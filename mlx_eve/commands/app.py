@@ -7,7 +7,8 @@ import argparse
 from typing import List, Optional
 
 from ..arguments import PORT, ArgumentParser, add_model_options
-from ..errors import MissingDependencyError, run_cli
+from ..errors import run_cli
+from . import require
 
 INSTALL_HINT = "The chat app needs Gradio: pip install 'mlx-eve[app]'"
 
@@ -39,10 +40,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 def run(args: argparse.Namespace) -> None:
-    try:
-        import gradio  # noqa: F401
-    except ImportError as e:
-        raise MissingDependencyError(INSTALL_HINT) from e
+    require(INSTALL_HINT, "gradio")
     # The library (and mlx-lm with it) once the arguments are good: see the package's docstring.
     from ..chat_app import serve
 

@@ -8,7 +8,8 @@ import os
 from typing import List, Optional
 
 from ..arguments import COUNT, NON_NEGATIVE_INT, PORT, POSITIVE, ArgumentParser, add_model_options
-from ..errors import MissingDependencyError, run_cli
+from ..errors import run_cli
+from . import require
 
 INSTALL_HINT = "The server needs FastAPI and uvicorn: pip install 'mlx-eve[server]'"
 API_KEY_ENV = "MLX_EVE_API_KEY"
@@ -56,11 +57,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 def run(args: argparse.Namespace) -> None:
-    try:
-        import fastapi  # noqa: F401
-        import uvicorn  # noqa: F401
-    except ImportError as e:
-        raise MissingDependencyError(INSTALL_HINT) from e
+    require(INSTALL_HINT, "fastapi", "uvicorn")
     # The library (and mlx-lm with it) once the arguments are good: see the package's docstring.
     from ..api.lifecycle import serve
 
