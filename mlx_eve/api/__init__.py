@@ -1,7 +1,8 @@
 """The HTTP server in front of the batching ``Engine``: one module per protocol over one shared engine call.
 
-- ``openai.py``: OpenAI's chat completions (request checks, whole answers and streamed chunks, usage);
-- ``streaming.py``: what every protocol shares, the events of an engine ``Stream`` as the client waits for them;
+- ``chat_completions.py``: OpenAI's chat completions (request checks, whole answers and streamed chunks, usage);
+- ``serving.py``: what every protocol shares: the served model and its settings, a request submitted to the
+  engine, and the events of its ``Stream`` as the client waits for them;
 - ``errors.py``: errors with their HTTP status;
 - ``app.py``: the FastAPI application (key check, bounded bodies, routes);
 - ``lifecycle.py``: the process: loading, warm-up, uvicorn, Ctrl-C, several processes.
