@@ -32,8 +32,7 @@ from mlx_lm.sample_utils import make_logits_processors, make_sampler
 from .broadcast import Plan, broadcast_plan
 from .errors import EVEError
 from .image import ImageInput
-from .models import IMAGE_TOKEN_ID
-from .models.base import EVEModel
+from .models.base import EVEModel, image_spans
 from .prefill import Prefill, reuse_prefix
 from .processor import ModelInputs, Processor, Prompt
 from .request import Request, SamplingParams
@@ -376,14 +375,8 @@ def _cache_key(inputs: ModelInputs) -> List[Any]:
         digest = hashlib.sha256(image.tobytes())
         digest.update(repr((image.mode, image.size, inputs.image_processor.target_size(*image.size))).encode())
         digests.append(digest.hexdigest())
-    position = 0
-    for digest in digests:
-        start = key.index(IMAGE_TOKEN_ID, position)
-        end = start
-        while end < len(key) and key[end] == IMAGE_TOKEN_ID:
-            end += 1
+    for (start, end), digest in zip(image_spans(inputs.input_ids), digests, strict=True):
         key[start:end] = [digest] * (end - start)
-        position = end
     return key
 
 
