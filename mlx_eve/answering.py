@@ -13,6 +13,7 @@ from .models.base import EVEModel
 from .processor import Processor
 from .prompts import Prompt
 from .request import SamplingParams
+from .structured import requested_grammar
 
 
 class Request(NamedTuple):
@@ -81,11 +82,12 @@ def batch_generate(
 ) -> List[str]:
     """The answers to ``prompts`` (each a question or a message list), in order, decoded together.
     ``images[i]`` goes with ``prompts[i]``; ``sampling``: ``SamplingParams`` fields (``temp`` for
-    ``temperature`` too). The first prompt refused (an image that cannot be read, a prompt longer than the
-    context) raises its ``EVEError``."""
+    ``temperature`` too), and ``json_schema=`` or ``response_format=`` as in ``stream_generate``. The first
+    prompt refused (an image that cannot be read, a prompt longer than the context) raises its ``EVEError``."""
     if "temp" in sampling:
         sampling["temperature"] = sampling.pop("temp")
-    params = SamplingParams(**sampling)
+    grammar = requested_grammar(sampling.pop("response_format", None), sampling.pop("json_schema", None))
+    params = SamplingParams(**sampling, grammar=grammar)
     images = list(images) if images is not None else [None] * len(prompts)
     if len(images) != len(prompts):
         raise ValueError(f"{len(prompts)} prompts but {len(images)} image entries.")

@@ -27,7 +27,6 @@ import mlx.core as mx
 import numpy as np
 from mlx_lm.generate import BatchGenerator
 from mlx_lm.models.cache import LRUPromptCache, make_prompt_cache
-from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
 from .broadcast import Plan, broadcast_plan
 from .errors import EVEError
@@ -36,6 +35,7 @@ from .models.base import EVEModel, image_spans
 from .prefill import Prefill, reuse_prefix
 from .processor import ModelInputs, Processor, Prompt
 from .request import Request, SamplingParams
+from .structured import GrammarError, check_grammar
 
 
 class QueueFullError(EVEError, RuntimeError):
@@ -150,6 +150,10 @@ class Engine:
         params = params or SamplingParams()
         if params.max_tokens < 1:
             raise ValueError(f"max_tokens must be at least 1, not {params.max_tokens}.")
+        if params.grammar is not None:
+            if params.stop:
+                raise GrammarError("Stop strings cannot be combined with a grammar: they would cut the answer short.")
+            check_grammar(params.grammar, self.processor.tokenizer)
         inputs = self.processor(prompt, images, system_prompt, max_size)
         room = self.processor.context_length - inputs.input_ids.size  # at least 1: the processor checked
         params = replace(params, max_tokens=min(params.max_tokens, room))
@@ -276,14 +280,15 @@ class Engine:
         return Plan([r for r in admitted if not r.cancelled], cancelled)
 
     def _admit(self, request: Request, generator: BatchGenerator, running: Dict[int, Request]) -> None:
+        params = request.params
         try:
+            processors = params.logits_processors(self.processor.tokenizer)
             cache, prefill = self._prefill(request)
         except Exception as error:
             # Every rank fails alike: the request was checked on submit, so what is left to fail is the same
             # computation on the same inputs. Only a failure of one rank alone (out of memory) breaks the step.
             request.events.put(error)
             return
-        params = request.params
         if params.seed is not None:
             mx.random.seed(params.seed)
         (request.uid,) = generator.insert(
@@ -292,13 +297,8 @@ class Engine:
             caches=[cache],
             # Penalties see the prompt's text: these ids, then the last prompt token, which the generator feeds.
             all_tokens=[prefill.text_ids[:-1]],
-            samplers=[make_sampler(params.temperature, params.top_p, params.min_p, top_k=params.top_k)],
-            logits_processors=[
-                make_logits_processors(
-                    repetition_penalty=params.repetition_penalty,
-                    repetition_context_size=params.repetition_context_size,
-                )
-            ],
+            samplers=[params.sampler()],
+            logits_processors=[processors],
         )
         request.detokenizer = self.processor.tokenizer.detokenizer
         request.started = time.perf_counter()

@@ -2,18 +2,19 @@
 streaming), for a prompt and images or for inputs the processor already prepared."""
 
 from dataclasses import dataclass, fields
-from typing import Generator, List, Optional, Sequence, Union
+from typing import Any, Dict, Generator, List, Optional, Sequence, Union
 
 import mlx.core as mx
 from mlx_lm.generate import GenerationResponse as LMGenerationResponse
 from mlx_lm.generate import stream_generate as lm_stream_generate
-from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
 from .image import ImageInput
 from .models.base import EVEModel
 from .prefill import Prefill
 from .processor import ModelInputs, Processor
 from .prompts import Prompt
+from .request import SamplingParams
+from .structured import requested_grammar
 
 
 @dataclass
@@ -39,9 +40,10 @@ def stream_generate(
     ``max_size`` sets the EVEv2 image resolution for this call.
 
     Yields a response per generated token; the last one carries ``finish_reason`` ("stop" or "length").
-    Sampling options: ``top_p``, ``top_k``, ``min_p``, ``repetition_penalty``, ``repetition_context_size``
-    (or a ready ``sampler`` / ``logits_processors``); anything else goes to mlx-lm's ``generate_step``
-    (``max_kv_size``, ``kv_bits``, ``prefill_step_size``, ``prompt_cache``, ...).
+    Sampling options: ``top_p``, ``top_k``, ``min_p``, ``repetition_penalty``, ``repetition_context_size``,
+    ``presence_penalty``, ``frequency_penalty``, ``logit_bias`` (or a ready ``sampler`` / ``logits_processors``);
+    ``json_schema=`` or ``response_format=`` for an answer that follows a schema; anything else goes to mlx-lm's
+    ``generate_step`` (``max_kv_size``, ``kv_bits``, ``prefill_step_size``, ``prompt_cache``, ...).
     """
     inputs = processor(prompt, image, system_prompt, max_size)
     yield from generate_from_inputs(model, processor, inputs, max_tokens, temp, **kwargs)
@@ -70,10 +72,18 @@ def generate_from_inputs(
     min_p: float = 0.0,
     repetition_penalty: Optional[float] = None,
     repetition_context_size: int = 20,
+    presence_penalty: Optional[float] = None,
+    frequency_penalty: Optional[float] = None,
+    logit_bias: Optional[Dict[int, float]] = None,
+    response_format: Optional[Dict[str, Any]] = None,
+    json_schema: Any = None,
     reused: int = 0,
     **kwargs,
 ) -> Generator[GenerationResponse, None, None]:
     """``stream_generate`` for inputs the processor already prepared.
+
+    ``json_schema`` (a JSON Schema, or a pydantic model class) or ``response_format`` (OpenAI's, see
+    ``structured.response_format_grammar``) holds the answer to a schema by constrained decoding.
 
     With a ``prompt_cache`` that already holds the first ``reused`` prompt tokens (a conversation so far),
     only the rest is run through the model, and images are only embedded if their tokens are in the rest
@@ -81,11 +91,20 @@ def generate_from_inputs(
     """
     room = processor.context_length - inputs.input_ids.size
     max_tokens = room if max_tokens < 0 else min(max_tokens, room)
-    kwargs.setdefault("sampler", make_sampler(temp, top_p, min_p, top_k=top_k))
-    processors = list(kwargs.pop("logits_processors", None) or [])
-    processors += make_logits_processors(
-        repetition_penalty=repetition_penalty, repetition_context_size=repetition_context_size
+    params = SamplingParams(
+        temperature=temp,
+        top_p=top_p,
+        top_k=top_k,
+        min_p=min_p,
+        repetition_penalty=repetition_penalty,
+        repetition_context_size=repetition_context_size,
+        presence_penalty=presence_penalty,
+        frequency_penalty=frequency_penalty,
+        logit_bias=tuple((logit_bias or {}).items()),
+        grammar=requested_grammar(response_format, json_schema),
     )
+    kwargs.setdefault("sampler", params.sampler())
+    processors = list(kwargs.pop("logits_processors", None) or []) + params.logits_processors(processor.tokenizer)
     prefill = Prefill(inputs, reused)
     for response in lm_stream_generate(
         model,

@@ -6,9 +6,13 @@ The first three fields of ``Request`` are what every rank of a group needs to ru
 
 import queue
 from dataclasses import dataclass, field
-from typing import Any, List, Optional, Sequence
+from typing import Any, List, Optional, Sequence, Tuple
+
+from mlx_lm.sample_utils import make_logits_processors, make_sampler
+from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from .processor import ModelInputs
+from .structured import GrammarProcessor
 
 
 @dataclass
@@ -20,9 +24,29 @@ class SamplingParams:
     min_p: float = 0.0
     repetition_penalty: Optional[float] = None
     repetition_context_size: int = 20
+    presence_penalty: Optional[float] = None
+    frequency_penalty: Optional[float] = None
+    logit_bias: Sequence[Tuple[int, float]] = ()  # (token id, added to its logit)
     stop: Sequence[str] = ()  # strings that end the answer (not included in it)
     top_logprobs: Optional[int] = None  # None: no log-probabilities; n: the chosen token's and the n best
     seed: Optional[int] = None  # reseeds the engine's (shared) random state when the request starts
+    grammar: Optional[str] = None  # an llguidance grammar the answer is held to (structured.py)
+
+    def sampler(self):
+        return make_sampler(self.temperature, self.top_p, self.min_p, top_k=self.top_k)
+
+    def logits_processors(self, tokenizer: TokenizerWrapper) -> List[Any]:
+        """mlx-lm's logits processors for these settings: bias and penalties, then the grammar's mask."""
+        processors = make_logits_processors(
+            logit_bias=dict(self.logit_bias) or None,
+            repetition_penalty=self.repetition_penalty,
+            repetition_context_size=self.repetition_context_size,
+            presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty,
+        )
+        if self.grammar is not None:
+            processors.append(GrammarProcessor(self.grammar, tokenizer))
+        return processors
 
 
 @dataclass

@@ -265,6 +265,17 @@ def test_image_url_is_downloaded_within_limits(client, model_id, image_host, nam
         ({"stop": [1, 2]}, "stop"),
         ({"seed": 1.5}, "seed"),
         ({"repetition_penalty": 0}, "repetition_penalty"),
+        ({"presence_penalty": 3}, "presence_penalty"),
+        ({"logit_bias": {"x": 1}}, "logit_bias"),
+        ({"logit_bias": {"5": 101}}, "logit_bias.5"),
+        ({"logit_bias": {"99999999": 1}}, "logit_bias"),
+        ({"response_format": {"type": "yaml"}}, "response_format"),
+        ({"response_format": {"type": "json_schema", "json_schema": {"schema": {"type": "strin"}}}}, "response_format"),
+        ({"response_format": {"type": "regex", "regex": "(unclosed"}}, "response_format"),
+        # A field the server does not implement would change the answer if it were honoured: never ignored.
+        ({"functions": [{"name": "f"}]}, "functions"),
+        ({"modalities": ["audio"]}, "modalities"),
+        ({"unknown_field": 1}, "unknown_field"),
         ({"top_logprobs": 3}, "top_logprobs"),  # without logprobs
         ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
         ({"messages": []}, "messages"),
@@ -275,7 +286,7 @@ def test_image_url_is_downloaded_within_limits(client, model_id, image_host, nam
     ],
 )
 def test_invalid_request_is_a_400_naming_the_field(server, change, param):
-    body = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2, "unknown_field": "ignored", **change}
+    body = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2, "user": "harmless", **change}
     status, answer = http_request(server, "POST", "/v1/chat/completions", body, key=KEY)
     assert status == 400, answer
     assert answer["error"]["param"] == param and answer["error"]["type"] == "invalid_request_error"

@@ -3,7 +3,6 @@
 
 import json
 import logging
-import math
 import time
 import uuid
 from dataclasses import dataclass
@@ -17,6 +16,7 @@ from ..errors import EVEError, shorten
 from ..prompts import IMAGE_PLACEHOLDER
 from ..request import SamplingParams
 from .errors import INTERNAL_ERROR, APIError, ClientGone, api_error
+from .fields import SAMPLING_FIELDS, format_grammar, option, refuse_unknown, sampling_params, string_list
 from .serving import Receive, Served, server_sent
 
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit
@@ -36,73 +36,65 @@ class ChatRequest:
     include_usage: bool
 
 
-def parse_chat_request(body: Dict[str, Any]) -> ChatRequest:
-    """Check a request body (``APIError`` 400 naming the faulty field); fields it does not know are ignored."""
+# Fields a request may carry beside the sampling ones (``fields.SAMPLING_FIELDS``); any other is refused.
+CHAT_FIELDS = (
+    "model",
+    "messages",
+    "stream",
+    "stream_options",
+    "n",
+    "max_tokens",
+    "max_completion_tokens",
+    "logprobs",
+    "top_logprobs",
+    "stop",
+    "response_format",
+    # Bookkeeping of OpenAI's that does not change the answer.
+    "user",
+    "metadata",
+    "store",
+    "service_tier",
+    "prompt_cache_key",
+    "safety_identifier",
+)
+
+
+def parse_chat_request(body: Dict[str, Any], vocab_size: int) -> ChatRequest:
+    """Check a request body (``APIError`` 400 naming the faulty field, or a field the server does not know).
+    ``vocab_size``: the model's, for ``logit_bias``."""
+    refuse_unknown(body, CHAT_FIELDS + SAMPLING_FIELDS)
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise APIError(400, "'messages' must be a non-empty list of messages.", "messages")
     image_urls: List[str] = []
     converted = [_message(message, f"messages[{i}]", image_urls) for i, message in enumerate(messages)]
-    _option(body, "n", int, "1 (one answer per request)", lambda v: v == 1)
-    max_tokens = _option(body, "max_completion_tokens", int, "an integer >= 1", lambda v: v >= 1)
+    option(body, "n", int, "1 (one answer per request)", lambda v: v == 1)
+    max_tokens = option(body, "max_completion_tokens", int, "an integer >= 1", lambda v: v >= 1)
     if max_tokens is None:
-        max_tokens = _option(body, "max_tokens", int, "an integer >= 1", lambda v: v >= 1)
-    logprobs = _option(body, "logprobs", bool, "true or false", default=False)
-    top_logprobs = _option(
+        max_tokens = option(body, "max_tokens", int, "an integer >= 1", lambda v: v >= 1)
+    logprobs = option(body, "logprobs", bool, "true or false", default=False)
+    top_logprobs = option(
         body, "top_logprobs", int, f"an integer from 0 to {MAX_TOP_LOGPROBS}", lambda v: 0 <= v <= MAX_TOP_LOGPROBS
     )
     if top_logprobs is not None and not logprobs:
         raise APIError(400, "'top_logprobs' needs 'logprobs': true.", "top_logprobs")
-    defaults = SamplingParams()
-    params = SamplingParams(
-        max_tokens=defaults.max_tokens if max_tokens is None else max_tokens,
-        temperature=_option(body, "temperature", float, "a number >= 0", lambda v: v >= 0, defaults.temperature),
-        top_p=_option(body, "top_p", float, "a number in (0, 1]", lambda v: 0 < v <= 1, defaults.top_p),
-        top_k=_option(body, "top_k", int, "an integer >= 0 (0: all)", lambda v: v >= 0, defaults.top_k),
-        min_p=_option(body, "min_p", float, "a number in [0, 1]", lambda v: 0 <= v <= 1, defaults.min_p),
-        repetition_penalty=_option(body, "repetition_penalty", float, "a number > 0", lambda v: v > 0),
-        repetition_context_size=_option(
-            body, "repetition_context_size", int, "an integer >= 1", lambda v: v >= 1, defaults.repetition_context_size
-        ),
-        stop=_stop(body.get("stop")),
+    params = sampling_params(
+        body,
+        vocab_size,
+        max_tokens=max_tokens,
+        stop=string_list(body, "stop"),
+        grammar=format_grammar(body.get("response_format"), "response_format"),
         top_logprobs=(top_logprobs or 0) if logprobs else None,
-        seed=_option(body, "seed", int, "an integer >= 0", lambda v: v >= 0),
     )
-    stream_options = _option(body, "stream_options", dict, "an object", default={})
+    stream_options = option(body, "stream_options", dict, "an object", default={})
     return ChatRequest(
-        model=_option(body, "model", str, "a model name"),
+        model=option(body, "model", str, "a model name"),
         messages=converted,
         image_urls=image_urls,
         params=params,
-        stream=_option(body, "stream", bool, "true or false", default=False),
-        include_usage=_option(stream_options, "include_usage", bool, "true or false", default=False),
+        stream=option(body, "stream", bool, "true or false", default=False),
+        include_usage=option(stream_options, "include_usage", bool, "true or false", default=False),
     )
-
-
-def _option(body: Dict[str, Any], name: str, kind: type, wanted: str, ok=lambda v: True, default=None) -> Any:
-    """``body[name]`` if it is a ``kind`` (an int is a float, a bool is no number) that passes ``ok``;
-    ``default`` when it is missing or null."""
-    value = body.get(name)
-    if value is None:
-        return default
-    if kind is float:
-        valid = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    else:
-        valid = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
-    if not valid or not ok(value):
-        raise APIError(400, f"Invalid '{name}': expected {wanted}, got {shorten(json.dumps(value))}.", name)
-    return value
-
-
-def _stop(stop: Any) -> List[str]:
-    if stop is None:
-        return []
-    if isinstance(stop, str):
-        return [stop]
-    if isinstance(stop, list) and all(isinstance(s, str) for s in stop):
-        return stop
-    message = f"Invalid 'stop': expected a string or a list of strings, got {shorten(json.dumps(stop))}."
-    raise APIError(400, message, "stop")
 
 
 def _message(message: Any, where: str, image_urls: List[str]) -> Dict[str, str]:
@@ -215,7 +207,7 @@ def log_usage(reply: Reply, last: Event) -> None:
 
 async def chat_completions(served: Served, body: Dict[str, Any], receive: Receive) -> Response:
     """The answer to a chat-completions request ``body``: JSON, or an event stream with ``"stream": true``."""
-    chat = parse_chat_request(body)
+    chat = parse_chat_request(body, served.vocab_size)
     served.check_model(chat.model)
     stream = await served.submit(chat.messages, chat.image_urls, chat.params)
     reply = Reply(served.settings.model_id, served.processor.tokenizer, chat.include_usage)

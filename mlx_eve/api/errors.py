@@ -4,6 +4,7 @@ from typing import Any, Dict, Optional
 
 from ..engine import QueueFullError
 from ..errors import EVEError, ImageError, PromptTooLongError
+from ..structured import GrammarError
 
 
 class APIError(Exception):
@@ -30,6 +31,8 @@ def api_error(error: EVEError) -> APIError:
         return APIError(503, str(error), code="server_overloaded", kind="server_error")
     if isinstance(error, PromptTooLongError):
         return APIError(400, str(error), "messages", "context_length_exceeded")
+    if isinstance(error, GrammarError):
+        return APIError(400, str(error), "response_format", "invalid_response_format")
     if isinstance(error, ImageError):
         return APIError(400, str(error), "messages", "invalid_image")
     if isinstance(error, ValueError):

@@ -42,6 +42,12 @@ class Served:
     settings: ServerSettings
     stopping: asyncio.Event
 
+    @property
+    def vocab_size(self) -> int:
+        """How many token ids the model answers with (the width of its logits)."""
+        model = self.engine.model
+        return model.vocab_limit or model.args.vocab_size
+
     def check_model(self, name: Optional[str]) -> None:
         """A request's model name must be the served model's (or an alias); none at all is fine."""
         if name is not None and name not in (self.settings.model_id, *self.settings.aliases):

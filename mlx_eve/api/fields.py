@@ -1,0 +1,132 @@
+"""Reading a request body's fields, the same way for every API: each value checked (a 400 naming the field), the
+sampling settings they all share, and the refusal of fields the server does not know."""
+
+import json
+import math
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
+
+from ..errors import shorten
+from ..request import SamplingParams
+from ..structured import GrammarError, response_format_grammar
+from .errors import APIError
+
+# The fields ``sampling_params`` reads, which every API accepts beside its own.
+SAMPLING_FIELDS = (
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "seed",
+    "repetition_penalty",
+    "repetition_context_size",
+    "presence_penalty",
+    "frequency_penalty",
+    "logit_bias",
+)
+MAX_LOGIT_BIAS = 100.0  # OpenAI's range: -100 (never) to 100 (always)
+
+
+def option(
+    body: Dict[str, Any],
+    name: str,
+    kind: type,
+    wanted: str,
+    ok: Callable[[Any], bool] = lambda v: True,
+    default: Any = None,
+    where: str = "",
+) -> Any:
+    """``body[name]`` if it is a ``kind`` (an int is a float, a bool is no number) that passes ``ok``;
+    ``default`` when it is missing or null. ``where``: the path of ``body`` in the request, for the message."""
+    value = body.get(name)
+    if value is None:
+        return default
+    if kind is float:
+        valid = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    else:
+        valid = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
+    if not valid or not ok(value):
+        raise APIError(
+            400, f"Invalid '{where}{name}': expected {wanted}, got {shorten(json.dumps(value))}.", where + name
+        )
+    return value
+
+
+def string_list(body: Dict[str, Any], name: str) -> List[str]:
+    """A field that is a string or a list of strings, as a list (empty when missing)."""
+    value = body.get(name)
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list) and all(isinstance(s, str) for s in value):
+        return value
+    message = f"Invalid '{name}': expected a string or a list of strings, got {shorten(json.dumps(value))}."
+    raise APIError(400, message, name)
+
+
+def refuse_unknown(body: Dict[str, Any], known: Iterable[str], where: str = "") -> None:
+    """A 400 naming the first field of ``body`` not in ``known``: a field the server would otherwise ignore may
+    be one that should have changed the answer."""
+    known = set(known)
+    for name in body:
+        if name not in known:
+            raise APIError(400, f"Unsupported field '{where}{name}': this server does not implement it.", where + name)
+
+
+def sampling_params(
+    body: Dict[str, Any],
+    vocab_size: int,
+    *,
+    max_tokens: Optional[int],
+    stop: Sequence[str] = (),
+    grammar: Optional[str] = None,
+    top_logprobs: Optional[int] = None,
+) -> SamplingParams:
+    """The ``SAMPLING_FIELDS`` of ``body``, checked, with what the caller read from its own API's fields."""
+    defaults = SamplingParams()
+
+    def penalty(name: str) -> Optional[float]:
+        return option(body, name, float, "a number from -2 to 2", lambda v: -2 <= v <= 2)
+
+    return SamplingParams(
+        max_tokens=defaults.max_tokens if max_tokens is None else max_tokens,
+        temperature=option(body, "temperature", float, "a number >= 0", lambda v: v >= 0, defaults.temperature),
+        top_p=option(body, "top_p", float, "a number in (0, 1]", lambda v: 0 < v <= 1, defaults.top_p),
+        top_k=option(body, "top_k", int, "an integer >= 0 (0: all)", lambda v: v >= 0, defaults.top_k),
+        min_p=option(body, "min_p", float, "a number in [0, 1]", lambda v: 0 <= v <= 1, defaults.min_p),
+        repetition_penalty=option(body, "repetition_penalty", float, "a number > 0", lambda v: v > 0),
+        repetition_context_size=option(
+            body, "repetition_context_size", int, "an integer >= 1", lambda v: v >= 1, defaults.repetition_context_size
+        ),
+        presence_penalty=penalty("presence_penalty"),
+        frequency_penalty=penalty("frequency_penalty"),
+        logit_bias=_logit_bias(body, vocab_size),
+        stop=tuple(stop),
+        top_logprobs=top_logprobs,
+        seed=option(body, "seed", int, "an integer >= 0", lambda v: v >= 0),
+        grammar=grammar,
+    )
+
+
+def format_grammar(response_format: Any, name: str) -> Optional[str]:
+    """The grammar of an OpenAI-style response format given as the field ``name`` (a 400 naming it if unusable)."""
+    try:
+        return response_format_grammar(response_format)
+    except GrammarError as e:
+        raise APIError(400, f"Invalid '{name}': {e}", name) from e
+
+
+def _logit_bias(body: Dict[str, Any], vocab_size: int) -> tuple:
+    """OpenAI's ``logit_bias``: token ids (as strings) to a bias from -100 to 100."""
+    biases = option(body, "logit_bias", dict, "an object of token ids to biases", default={})
+    pairs = []
+    for token in biases:
+        if not (token.isdigit() and int(token) < vocab_size):
+            raise APIError(
+                400, f"Invalid 'logit_bias': {shorten(token)!r} is not a token id below {vocab_size}.", "logit_bias"
+            )
+        wanted = f"a number from {-MAX_LOGIT_BIAS:g} to {MAX_LOGIT_BIAS:g}"
+        pairs.append(
+            (int(token), option(biases, token, float, wanted, lambda v: abs(v) <= MAX_LOGIT_BIAS, where="logit_bias."))
+        )
+    return tuple(pairs)
