@@ -15,9 +15,20 @@ from ..engine import Event, Stream, Usage
 from ..errors import EVEError, shorten
 from ..prompts import IMAGE_PLACEHOLDER
 from ..request import SamplingParams
+from ..tools import parse_tool_calls
 from .errors import INTERNAL_ERROR, APIError, ClientGone, api_error
 from .fields import SAMPLING_FIELDS, format_grammar, option, refuse_unknown, sampling_params, string_list
 from .serving import Receive, Served, server_sent
+from .tool_calls import (
+    TOOL_FIELDS,
+    CallDeltas,
+    Tools,
+    calls_json,
+    merge_turns,
+    parse_tools,
+    tool_turn,
+    with_tools_prompt,
+)
 
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit
 
@@ -34,6 +45,7 @@ class ChatRequest:
     params: SamplingParams
     stream: bool
     include_usage: bool
+    tools: Optional[Tools]  # the tools the model may call, if any
 
 
 # Fields a request may carry beside the sampling ones (``fields.SAMPLING_FIELDS``); any other is refused.
@@ -62,12 +74,22 @@ CHAT_FIELDS = (
 def parse_chat_request(body: Dict[str, Any], vocab_size: int) -> ChatRequest:
     """Check a request body (``APIError`` 400 naming the faulty field, or a field the server does not know).
     ``vocab_size``: the model's, for ``logit_bias``."""
-    refuse_unknown(body, CHAT_FIELDS + SAMPLING_FIELDS)
+    refuse_unknown(body, CHAT_FIELDS + TOOL_FIELDS + SAMPLING_FIELDS)
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise APIError(400, "'messages' must be a non-empty list of messages.", "messages")
     image_urls: List[str] = []
-    converted = [_message(message, f"messages[{i}]", image_urls) for i, message in enumerate(messages)]
+    converted = merge_turns([_message(message, f"messages[{i}]", image_urls) for i, message in enumerate(messages)])
+    tools = parse_tools(body)
+    grammar = format_grammar(body.get("response_format"), "response_format")
+    if tools is not None:
+        if grammar is not None:
+            raise APIError(
+                400,
+                "'response_format' cannot be combined with 'tools' (unless 'tool_choice' is 'none').",
+                "response_format",
+            )
+        grammar = tools.grammar()
     option(body, "n", int, "1 (one answer per request)", lambda v: v == 1)
     max_tokens = option(body, "max_completion_tokens", int, "an integer >= 1", lambda v: v >= 1)
     if max_tokens is None:
@@ -83,7 +105,7 @@ def parse_chat_request(body: Dict[str, Any], vocab_size: int) -> ChatRequest:
         vocab_size,
         max_tokens=max_tokens,
         stop=string_list(body, "stop"),
-        grammar=format_grammar(body.get("response_format"), "response_format"),
+        grammar=grammar,
         top_logprobs=(top_logprobs or 0) if logprobs else None,
     )
     stream_options = option(body, "stream_options", dict, "an object", default={})
@@ -94,6 +116,7 @@ def parse_chat_request(body: Dict[str, Any], vocab_size: int) -> ChatRequest:
         params=params,
         stream=option(body, "stream", bool, "true or false", default=False),
         include_usage=option(stream_options, "include_usage", bool, "true or false", default=False),
+        tools=tools,
     )
 
 
@@ -103,10 +126,15 @@ def _message(message: Any, where: str, image_urls: List[str]) -> Dict[str, str]:
     reference) and their URLs are appended to ``image_urls``."""
     if not isinstance(message, dict):
         raise APIError(400, f"{where} must be an object with 'role' and 'content'.", where)
+    turn = tool_turn(message, where)
+    if turn is not None:
+        return turn
     role = message.get("role")
     if role not in ("system", "developer", "user", "assistant"):
         raise APIError(
-            400, f"{where} has the role {shorten(json.dumps(role))}: use system, user or assistant.", f"{where}.role"
+            400,
+            f"{where} has the role {shorten(json.dumps(role))}: use system, user, assistant or tool.",
+            f"{where}.role",
         )
     content = message.get("content")
     if isinstance(content, list):
@@ -160,12 +188,20 @@ class Reply:
             "top_logprobs": [{"token": token, "logprob": logprob} for token, logprob in event.top_logprobs],
         }
 
-    def completion(self, text: str, logprobs: Optional[List[Dict[str, Any]]], last: Event) -> Dict[str, Any]:
+    def completion(
+        self, text: str, logprobs: Optional[List[Dict[str, Any]]], last: Event, with_tools: bool
+    ) -> Dict[str, Any]:
+        message: Dict[str, Any] = {"role": "assistant", "content": text}
+        finish = last.finish_reason
+        calls = parse_tool_calls(text) if with_tools else None
+        if calls:
+            message = {"role": "assistant", "content": None, "tool_calls": calls_json(calls)}
+            finish = "tool_calls" if finish == "stop" else finish
         choice = {
             "index": 0,
-            "message": {"role": "assistant", "content": text},
+            "message": message,
             "logprobs": None if logprobs is None else {"content": logprobs},
-            "finish_reason": last.finish_reason,
+            "finish_reason": finish,
         }
         return {**self._head("chat.completion"), "choices": [choice], "usage": usage_json(last.usage)}
 
@@ -209,17 +245,22 @@ async def chat_completions(served: Served, body: Dict[str, Any], receive: Receiv
     """The answer to a chat-completions request ``body``: JSON, or an event stream with ``"stream": true``."""
     chat = parse_chat_request(body, served.vocab_size)
     served.check_model(chat.model)
-    stream = await served.submit(chat.messages, chat.image_urls, chat.params)
+    messages = chat.messages
+    if chat.tools is not None:
+        messages = with_tools_prompt(messages, chat.tools, served.processor.template.system)
+    stream = await served.submit(messages, chat.image_urls, chat.params)
     reply = Reply(served.settings.model_id, served.processor.tokenizer, chat.include_usage)
     if chat.stream:
         headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
         return StreamingResponse(
-            chunks(served, reply, stream, receive), media_type="text/event-stream", headers=headers
+            chunks(served, reply, stream, receive, chat.tools is not None),
+            media_type="text/event-stream",
+            headers=headers,
         )
-    return JSONResponse(await answer(served, reply, stream, receive, chat.params.top_logprobs is not None))
+    return JSONResponse(await answer(served, reply, stream, receive, chat))
 
 
-async def answer(served: Served, reply: Reply, stream: Stream, receive: Receive, with_logprobs: bool) -> Dict[str, Any]:
+async def answer(served: Served, reply: Reply, stream: Stream, receive: Receive, chat: ChatRequest) -> Dict[str, Any]:
     text, logprobs, last = "", [], None
     async for last in served.events(stream, receive, reply.id):
         text += last.text
@@ -227,18 +268,26 @@ async def answer(served: Served, reply: Reply, stream: Stream, receive: Receive,
         if entry is not None:
             logprobs.append(entry)
     log_usage(reply, last)
-    return reply.completion(text, logprobs if with_logprobs else None, last)
+    with_logprobs = chat.params.top_logprobs is not None
+    return reply.completion(text, logprobs if with_logprobs else None, last, chat.tools is not None)
 
 
-async def chunks(served: Served, reply: Reply, stream: Stream, receive: Receive) -> AsyncIterator[str]:
+async def chunks(
+    served: Served, reply: Reply, stream: Stream, receive: Receive, with_tools: bool
+) -> AsyncIterator[str]:
     yield server_sent(reply.chunk({"role": "assistant", "content": ""}))
+    deltas = CallDeltas() if with_tools else lambda text: [{"content": text}] if text else []
     try:
         async for event in served.events(stream, receive, reply.id):
             entry = reply.logprob(event)
-            if event.text or entry is not None:
-                yield server_sent(reply.chunk({"content": event.text}, entry))
+            pieces = deltas(event.text)
+            for i, delta in enumerate(pieces or ([{"content": ""}] if entry is not None else [])):
+                yield server_sent(reply.chunk(delta, entry if i == 0 else None))
             if event.finish_reason is not None:
-                yield server_sent(reply.chunk({}, finish_reason=event.finish_reason))
+                finish = event.finish_reason
+                if with_tools and deltas.calls and finish == "stop":
+                    finish = "tool_calls"
+                yield server_sent(reply.chunk({}, finish_reason=finish))
                 if reply.include_usage:
                     yield server_sent(reply.usage_chunk(event.usage))
                 log_usage(reply, event)
