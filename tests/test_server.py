@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 from processes import ROOT, free_port, http_request, start_server, stop_server, wait_for_log
 
+from mlx_eve import generate
+
 openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
@@ -172,6 +174,22 @@ def test_stop_strings(client, model_id):
     stopped = client.chat.completions.create(model=model_id, messages=messages, max_tokens=12, stop=["zzz", stop])
     assert stopped.choices[0].message.content == answer[: answer.index(stop)]
     assert stopped.choices[0].finish_reason == "stop"
+
+
+def test_logit_bias_and_penalties_are_honoured(client, model_id, v2_model):
+    messages = [{"role": "user", "content": "Where is the blue square?"}]
+    answer = client.chat.completions.create(model=model_id, messages=messages, max_tokens=6)
+    tokenizer = v2_model[1].tokenizer
+    favourite = next(t for t in range(100, 400) if tokenizer.decode([t]).isalpha())  # a word without a space
+    biased = client.chat.completions.create(
+        model=model_id, messages=messages, max_tokens=6, logit_bias={str(favourite): 100}
+    )
+    assert biased.choices[0].message.content == tokenizer.decode([favourite] * 6)
+    # A negative presence penalty favours the tokens already there (the prompt's too): this answer repeats them.
+    penalized = client.chat.completions.create(model=model_id, messages=messages, max_tokens=6, presence_penalty=-2)
+    model, processor = v2_model
+    expected = generate(model, processor, messages, max_tokens=6, presence_penalty=-2)
+    assert penalized.choices[0].message.content == expected != answer.choices[0].message.content
 
 
 @pytest.mark.parametrize(
