@@ -3,10 +3,11 @@
 The grammar engine is llguidance. After each token it computes the set of tokens that keep the answer inside
 the grammar, and ``GrammarProcessor``, an mlx-lm logits processor, sets every other logit to -inf. Each request
 has its own processor, so in the engine's batch requests with different grammars, and requests without one,
-decode together. llguidance rather than xgrammar or outlines-core: it compiles a new schema in about a
-millisecond without a pass over the whole vocabulary (outlines-core builds an index over it per schema), it
-computes a mask on the CPU without torch, and it covers more of JSON Schema than either
-(``benchmarks/structured.py`` measures what a schema costs per token).
+decode together. llguidance rather than xgrammar or outlines-core: it computes each mask on the fly from a trie
+of the vocabulary, so a new schema costs no ahead-of-time pass over the vocabulary (outlines-core indexes the
+vocabulary against each schema's automaton, xgrammar compiles each schema against it) — a server sees a new
+schema with nearly every client — and it needs neither torch nor a GPU kernel. ``benchmarks/structured.py``
+measures what a schema costs.
 
 A grammar travels as llguidance's serialized form (a string), so ``SamplingParams`` stays plain data.
 """
@@ -47,9 +48,38 @@ def json_schema_grammar(schema: Union[Dict[str, Any], bool, str, type]) -> str:
     if not isinstance(schema, dict):
         raise GrammarError(f"A JSON Schema must be an object, not {type(schema).__name__}.")
     try:
-        return llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=_JSON_OPTIONS)
+        return llguidance.LLMatcher.grammar_from_json_schema(closed(schema), defaults=_JSON_OPTIONS)
     except ValueError as e:
         raise GrammarError(f"Invalid JSON Schema: {e}") from e
+
+
+# Where a JSON Schema holds other schemas: maps of them, lists of them, and single ones.
+_SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
+_SCHEMA_LISTS = ("anyOf", "oneOf", "prefixItems")
+_SCHEMAS = ("items", "additionalProperties", "additionalItems", "contains", "not", "if", "then", "else")
+
+
+def closed(schema: Any) -> Any:
+    """``schema`` with ``"additionalProperties": false`` in each object that lists its ``properties`` and says
+    nothing of other keys. An answer to it still validates against ``schema``, and a model cannot wander off into
+    keys of its own (JSON Schema allows any by default). Branches of ``allOf`` are left as they are: closing each
+    would forbid the other branches' keys."""
+    if not isinstance(schema, dict):
+        return schema
+    schema = dict(schema)
+    for key in _SCHEMA_MAPS:
+        if isinstance(schema.get(key), dict):
+            schema[key] = {name: closed(s) for name, s in schema[key].items()}
+    for key in _SCHEMA_LISTS:
+        if isinstance(schema.get(key), list):
+            schema[key] = [closed(s) for s in schema[key]]
+    for key in _SCHEMAS:
+        if key in schema:
+            schema[key] = closed(schema[key])
+    open_keys = ("additionalProperties", "patternProperties", "unevaluatedProperties", "allOf")
+    if isinstance(schema.get("properties"), dict) and not any(key in schema for key in open_keys):
+        schema["additionalProperties"] = False
+    return schema
 
 
 def regex_grammar(pattern: str) -> str:
@@ -129,11 +159,6 @@ class GrammarProcessor:
             allowed = np.unpackbits(bits, bitorder="little").astype(bool)
             allowed = np.pad(allowed, (0, max(0, logits.shape[-1] - allowed.size)))[: logits.shape[-1]]
         return mx.where(mx.array(allowed), logits, -mx.inf)
-
-    @property
-    def done(self) -> bool:
-        """Whether the answer so far is complete by the grammar."""
-        return self.matcher.is_accepting()
 
 
 @functools.lru_cache(maxsize=4)

@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
-from .structured import lark_grammar
+from .structured import closed, lark_grammar
 
 CALL_START, CALL_END = "<tool_call>\n", "\n</tool_call>"
 # OpenAI's rule for function names; it also keeps a name free of JSON escapes, which ``ToolCallReader`` relies on.
@@ -68,7 +68,7 @@ def tool_call_grammar(tools: Sequence[Tool], choice: Union[str, None], parallel:
 def _call_schema(tool: Tool) -> Dict[str, Any]:
     return {
         "type": "object",
-        "properties": {"name": {"const": tool.name}, "arguments": tool.parameters},
+        "properties": {"name": {"const": tool.name}, "arguments": closed(tool.parameters)},
         "required": ["name", "arguments"],
         "additionalProperties": False,
     }

@@ -150,3 +150,13 @@ def test_a_bad_schema_is_a_400_with_the_reason(client, model_id, schema, says):
     with pytest.raises(openai.BadRequestError) as raised:
         ask(client, model_id, response_format=schema_format(schema))
     assert raised.value.body["param"] == "response_format" and says in raised.value.body["message"]
+
+
+def test_an_object_gets_no_keys_it_does_not_declare(client, model_id):
+    # JSON Schema allows other keys unless told otherwise; a model left free to add them can write keys forever.
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}, "n": {"enum": [1, 2]}}, "required": ["ok"]}
+    choice = ask(client, model_id, response_format=schema_format(schema))
+    assert choice.finish_reason == "stop"
+    answer = json.loads(choice.message.content)
+    jsonschema.validate(answer, schema)
+    assert set(answer) <= {"ok", "n"}
