@@ -72,7 +72,9 @@ def decode_plan(data: bytes) -> Plan:
             [mx.array(arrays[i]) for i in entry["pixel_values"]],
             entry["image_tokens"],
         )
-        admitted.append(Request(inputs, SamplingParams(**entry["params"]), entry["key"]))
+        params = entry["params"]  # JSON made its tuples lists
+        params.update(stop=tuple(params["stop"]), logit_bias=tuple(tuple(pair) for pair in params["logit_bias"]))
+        admitted.append(Request(inputs, SamplingParams(**params), entry["key"]))
     return Plan(admitted, header["cancelled"], header["close"])
 
 

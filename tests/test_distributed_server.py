@@ -16,7 +16,6 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import replace
 from pathlib import Path
 
 import mlx.core as mx
@@ -32,6 +31,7 @@ from mlx_eve.broadcast import Plan, decode_plan, encode_plan, pack, unpack
 from mlx_eve.engine import Engine, _cache_key
 from mlx_eve.image_fetching import read_image
 from mlx_eve.request import Request, SamplingParams
+from mlx_eve.structured import json_schema_grammar
 
 LONG = 20000  # max_tokens of an answer that is stopped long before its end
 MODEL = "default_model"  # a name the server answers to, whatever it serves
@@ -67,7 +67,16 @@ def test_plan_round_trip(v2_model, images):
     _, processor = v2_model
     text = processor("Hello there")
     pictures = processor([{"role": "user", "content": "<image> and <image>?"}], [images["wide"], images["tall"]])
-    params = SamplingParams(max_tokens=9, temperature=0.7, top_k=5, stop=("\n", "END"), top_logprobs=2, seed=42)
+    params = SamplingParams(
+        max_tokens=9,
+        temperature=0.7,
+        top_k=5,
+        stop=("\n", "END"),
+        top_logprobs=2,
+        seed=42,
+        logit_bias=((3, 1.5), (7, -100.0)),
+        grammar=json_schema_grammar({"type": "object", "properties": {"a": {"type": "integer"}}}),
+    )
     requests = [Request(text, SamplingParams(), _cache_key(text)), Request(pictures, params, _cache_key(pictures))]
     plan = Plan(requests, cancelled=[3, 7])
     got = decode_plan(encode_plan(plan))
@@ -75,7 +84,7 @@ def test_plan_round_trip(v2_model, images):
     assert len(got.admitted) == 2
     for sent, received in zip(plan.admitted, got.admitted):
         assert received.key == sent.key
-        assert replace(received.params, stop=tuple(received.params.stop)) == sent.params  # JSON has no tuples
+        assert received.params == sent.params
         assert received.inputs.input_ids.dtype == mx.int32
         assert received.inputs.input_ids.tolist() == sent.inputs.input_ids.tolist()
         assert received.inputs.image_tokens == sent.inputs.image_tokens
@@ -143,7 +152,7 @@ def alone(model_path):
     engine = Engine(model, processor)
 
     def answer(body: dict):
-        chat = parse_chat_request(body)
+        chat = parse_chat_request(body, model.vocab_limit or model.args.vocab_size)
         images = [read_image(url, ServerSettings(model_id="alone")) for url in chat.image_urls]
         events = list(engine.submit(chat.messages, images, chat.params))
         last = events[-1]
