@@ -61,6 +61,7 @@ class Event:
     logprob: Optional[float] = None
     top_logprobs: List[Tuple[str, float]] = field(default_factory=list)  # (token text, log-probability)
     finish_reason: Optional[str] = None  # "stop" or "length" on the last event
+    stop: Optional[str] = None  # on the last event, the stop string that ended the answer, if one did
     usage: Optional[Usage] = None  # on the last event
 
 
@@ -129,6 +130,7 @@ class Engine:
         self._cancelled: "queue.Queue[Request]" = queue.Queue()
         self._lock = threading.Lock()
         self._waiting = 0  # submitted, not yet in the batch
+        self._running = 0  # in the batch, as the engine thread counted them after its last round
         self._closed = False
         self._failure: Optional[BaseException] = None
         self._thread = threading.Thread(target=self._run, name="mlx-eve-engine", daemon=True)
@@ -181,6 +183,16 @@ class Engine:
         if self._failure is not None:
             raise EVEError(f"The engine stopped on an error: {self._failure!r}") from self._failure
 
+    @property
+    def waiting(self) -> int:
+        """Requests submitted and not yet in the batch."""
+        return self._waiting
+
+    @property
+    def running(self) -> int:
+        """Requests in the batch."""
+        return self._running
+
     def _cancel(self, request: Request) -> None:
         request.cancelled = True
         request.events.put(_CANCELLED)
@@ -208,7 +220,7 @@ class Engine:
                     seed = mx.random.randint(0, 2**31 - 1, ()) if self.leader else mx.array(0)
                     mx.random.seed(mx.distributed.all_sum(seed, group=self.group, stream=mx.cpu).item())
                 while self._serve(generator, running):
-                    pass
+                    self._running = len(running)
         except BaseException as error:
             self._failure = error
             raise
@@ -337,8 +349,8 @@ class Engine:
             request.detokenizer.finalize()
         request.text += request.detokenizer.last_segment
         cache = response.prompt_cache
-        stop_at = _find_stop(request.text, params.stop)
-        if stop_at is not None:
+        stop_at, stop = _find_stop(request.text, params.stop)
+        if stop is not None:
             request.text, finish = request.text[:stop_at], "stop"
             if response.finish_reason is None:
                 cache = generator.remove([response.uid], return_prompt_caches=True)[response.uid][0]
@@ -351,7 +363,7 @@ class Engine:
             )
         if finish is not None:
             del running[response.uid]
-            event.finish_reason, event.usage = finish, self._usage(request)
+            event.finish_reason, event.usage, event.stop = finish, self._usage(request), stop
             self.prompt_cache.insert_cache(_MODEL, request.key + request.generated, cache)
         request.events.put(event)
 
@@ -380,9 +392,10 @@ def _cache_key(inputs: ModelInputs) -> List[Any]:
     return key
 
 
-def _find_stop(text: str, stops: Sequence[str]) -> Optional[int]:
-    found = [text.find(s) for s in stops if s and s in text]
-    return min(found) if found else None
+def _find_stop(text: str, stops: Sequence[str]) -> Tuple[int, Optional[str]]:
+    """Where the earliest stop string in ``text`` begins, and which it is (``-1, None`` if there is none)."""
+    found = [(text.find(s), s) for s in stops if s and s in text]
+    return min(found) if found else (-1, None)
 
 
 def _stop_prefix(text: str, stops: Sequence[str]) -> int:

@@ -16,7 +16,7 @@ from transformers.utils import logging as hf_logging
 from .errors import CheckpointError, PromptError, PromptTooLongError
 from .image import ImageInput, load_image
 from .image_processing import ImageProcessor
-from .prompts import IMAGE_PLACEHOLDER, Prompt, Template, check_turns, place_images, to_messages
+from .prompts import IMAGE_PLACEHOLDER, Prompt, RawPrompt, Template, check_turns, place_images, to_messages
 from .tokenization import Encoder, SentencePieceEncoder, tokenize_with_images
 
 # What a model folder holds besides weights and config.json, copied along when a model is saved.
@@ -99,7 +99,10 @@ class Processor:
         self, prompt: Prompt, num_images: int = 0, system_prompt: Optional[str] = None, answer: bool = True
     ) -> str:
         """The templated prompt text, ``<image>`` placeholders included. With ``answer`` (generation) the
-        conversation must end with the user; without it (training) it ends with the assistant."""
+        conversation must end with the user; without it (training) it ends with the assistant. A ``RawPrompt`` is
+        the text as it is."""
+        if isinstance(prompt, RawPrompt):
+            return str(prompt)
         messages, system = to_messages(prompt)
         check_turns(messages)
         if answer and messages[-1]["role"] != "user":

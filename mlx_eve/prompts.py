@@ -23,6 +23,10 @@ Messages = List[Dict[str, str]]
 Prompt = Union[str, Sequence[Dict[str, str]]]
 
 
+class RawPrompt(str):
+    """A prompt the model continues as it is, without the conversation template (``<image>`` stands for an image)."""
+
+
 @dataclass(frozen=True)
 class Template:
     name: str

@@ -1,23 +1,31 @@
-"""The FastAPI application: OpenAI's error shape for every failure, the bearer-key check, bounded JSON bodies,
-and the routes (``/v1/chat/completions``, ``/v1/models``, ``/health``) over the protocol modules."""
+"""The FastAPI application: OpenAI's error shape for every failure (Anthropic's under ``/v1/messages``), the key
+check, bounded JSON bodies, and the routes (``/v1/chat/completions``, ``/v1/completions``, ``/v1/responses``,
+``/v1/messages``, ``/v1/models``, ``/health``, ``/metrics``) over the protocol modules."""
 
 import asyncio
 import json
 import secrets
 import time
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Sequence
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
+from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
+from starlette.routing import BaseRoute
 
 from ..engine import Engine
 from ..errors import EVEError
 from ..processor import Processor
-from . import chat_completions
+from ..quantization import config_block, of_model
+from . import chat_completions, completions, messages, responses
 from .errors import INTERNAL_ERROR, APIError, ClientGone, api_error
+from .metrics import Metrics, RequestCounter
 from .serving import Served, ServerSettings
+
+# What the server does beside its endpoints (the model card's ``capabilities`` lists both).
+FEATURES = ("streaming", "logprobs", "structured_outputs", "tool_calls")
 
 
 def create_app(engine: Engine, processor: Processor, settings: ServerSettings) -> FastAPI:
@@ -25,9 +33,10 @@ def create_app(engine: Engine, processor: Processor, settings: ServerSettings) -
     the context length). ``app.state.stop_answers()``, called on the app's event loop, ends the answers in
     progress (503, or an error event in a stream) so that the server can stop at once."""
     app = FastAPI(title="mlx-eve", docs_url=None, redoc_url=None, openapi_url=None)
-    served = Served(engine, processor, settings, asyncio.Event())
+    served = Served(engine, processor, settings, asyncio.Event(), Metrics(engine))
     app.state.stop_answers = served.stopping.set
     add_error_handlers(app)
+    app.add_middleware(RequestCounter, requests=served.metrics.requests, routes=app.routes)
     authorized = [Depends(BearerKey(settings.api_key))]
 
     @app.post("/v1/chat/completions", dependencies=authorized)
@@ -37,52 +46,80 @@ def create_app(engine: Engine, processor: Processor, settings: ServerSettings) -
         except ClientGone:
             return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
 
+    @app.post("/v1/responses", dependencies=authorized)
+    async def create_response(request: Request) -> Response:
+        try:
+            return await responses.responses(served, await read_json(request, settings), request.receive)
+        except ClientGone:
+            return Response(status_code=499)
+
+    @app.post("/v1/completions", dependencies=authorized)
+    async def complete(request: Request) -> Response:
+        try:
+            return await completions.completions(served, await read_json(request, settings), request.receive)
+        except ClientGone:
+            return Response(status_code=499)
+
+    @app.post(messages.PATH, dependencies=authorized)
+    async def create_message(request: Request) -> Response:
+        try:
+            return await messages.messages(served, await read_json(request, settings), request.receive)
+        except ClientGone:
+            return Response(status_code=499)
+
     @app.get("/v1/models", dependencies=authorized)
     async def models() -> Dict[str, Any]:
-        return {"object": "list", "data": [model_card(settings)]}
+        return {"object": "list", "data": [model_card(served, app.routes)]}
 
     @app.get("/v1/models/{name:path}", dependencies=authorized)
     async def model(name: str) -> Dict[str, Any]:
         served.check_model(name)
-        return model_card(settings)
+        return model_card(served, app.routes)
 
     @app.get("/health")
     async def health() -> Dict[str, str]:
         return {"status": "ok"}
 
+    @app.get("/metrics", dependencies=authorized)  # open, as /health, unless the server has a key
+    async def metrics() -> Response:
+        return served.metrics.response()
+
     return app
 
 
 def add_error_handlers(app: FastAPI) -> None:
-    """Every error answered in OpenAI's shape: the request's own (4xx), the engine's, and bugs (500)."""
+    """Every error answered in OpenAI's shape (Anthropic's under ``/v1/messages``): the request's own (4xx), the
+    engine's, and bugs (500)."""
 
     @app.exception_handler(APIError)
     async def on_api_error(request: Request, error: APIError) -> JSONResponse:
-        return error_response(error)
+        return error_response(error, request)
 
     @app.exception_handler(EVEError)
     async def on_eve_error(request: Request, error: EVEError) -> JSONResponse:
-        return error_response(api_error(error))
+        return error_response(api_error(error), request)
 
     @app.exception_handler(HTTPException)
     async def on_http_error(request: Request, error: HTTPException) -> JSONResponse:
-        return error_response(APIError(error.status_code, str(error.detail)))
+        return error_response(APIError(error.status_code, str(error.detail)), request)
 
     @app.exception_handler(Exception)
     async def on_bug(request: Request, error: Exception) -> JSONResponse:
         # Starlette re-raises the error after this answer, and uvicorn logs it with its traceback.
-        return error_response(INTERNAL_ERROR)
+        return error_response(INTERNAL_ERROR, request)
 
 
-def error_response(error: APIError) -> JSONResponse:
+def error_response(error: APIError, request: Request) -> JSONResponse:
     headers = {"WWW-Authenticate": "Bearer"} if error.status == 401 else {}
     if error.status == 503:
         headers["Retry-After"] = "1"
-    return JSONResponse(error.body(), error.status, headers)
+    body = messages.error_body(error) if request.url.path.startswith(messages.PATH) else error.body()
+    return JSONResponse(body, error.status, headers)
 
 
 class BearerKey:
-    """The dependency of the API's routes: ``Authorization: Bearer <key>`` when the server has a key (else 401)."""
+    """The dependency of the API's routes: ``Authorization: Bearer <key>``, or Anthropic's ``x-api-key: <key>``,
+    when the server has a key (else 401)."""
 
     def __init__(self, key: Optional[str]):
         self.key = key
@@ -91,9 +128,12 @@ class BearerKey:
         if self.key is None:
             return
         scheme, _, key = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not secrets.compare_digest(key.strip().encode(), self.key.encode()):
+        given = key.strip() if scheme.lower() == "bearer" else request.headers.get("x-api-key", "")
+        if not secrets.compare_digest(given.encode(), self.key.encode()):
             raise APIError(
-                401, "Missing or wrong API key: send the header 'Authorization: Bearer <key>'.", code="invalid_api_key"
+                401,
+                "Missing or wrong API key: send the header 'Authorization: Bearer <key>' or 'x-api-key: <key>'.",
+                code="invalid_api_key",
             )
 
 
@@ -120,5 +160,32 @@ async def read_json(request: Request, settings: ServerSettings) -> Dict[str, Any
     return data
 
 
-def model_card(settings: ServerSettings) -> Dict[str, Any]:
-    return {"id": settings.model_id, "object": "model", "created": int(time.time()), "owned_by": "mlx-eve"}
+def model_card(served: Served, routes: Sequence[BaseRoute]) -> Dict[str, Any]:
+    """The served model's entry in ``/v1/models``: OpenAI's fields, then what the model is (its family, context,
+    image resolution, quantization, adapters) and what the server does with it (its POST endpoints among
+    ``routes``, e.g. ``/v1/chat/completions`` as ``chat_completions``, and its ``FEATURES``)."""
+    model, processor = served.engine.model, served.processor
+    # A square picture of any size is resized to this side (EVEv1: every picture's long side; EVEv2: about as
+    # many pixels).
+    resolution, _ = processor.image_processor.target_size(1, 1)
+    quantized = config_block(of_model(model))
+    endpoints = [
+        route.path.removeprefix("/v1/").replace("/", "_")
+        for route in routes
+        if isinstance(route, APIRoute) and "POST" in route.methods
+    ]
+    return {
+        "id": served.settings.model_id,
+        "object": "model",
+        "created": int(time.time()),
+        "owned_by": "mlx-eve",
+        "family": model.family.name,
+        "model_type": model.model_type,
+        "context_length": processor.context_length,
+        "vision": True,
+        "image_resolution": resolution,
+        # The most common layer settings; a mixed recipe's other layers are in the checkpoint's config.json.
+        "quantization": None if quantized is None else {k: quantized[k] for k in ("bits", "group_size", "mode")},
+        "adapters": list(served.settings.adapters),
+        "capabilities": endpoints + list(FEATURES),
+    }

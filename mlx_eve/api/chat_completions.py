@@ -6,7 +6,7 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Dict, List, Optional
+from typing import Any, AsyncIterator, Dict, List, NamedTuple, Optional, Tuple
 
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from mlx_lm.tokenizer_utils import TokenizerWrapper
@@ -121,9 +121,7 @@ def parse_chat_request(body: Dict[str, Any], vocab_size: int) -> ChatRequest:
 
 
 def _message(message: Any, where: str, image_urls: List[str]) -> Dict[str, str]:
-    """An OpenAI message → ``{"role", "content"}`` with text content; image parts become ``<image>`` in place
-    (parts are joined by new lines, so an image before a question reads ``<image>\\nquestion`` as in EVE's
-    reference) and their URLs are appended to ``image_urls``."""
+    """An OpenAI message → ``{"role", "content"}`` with text content (``content_text``)."""
     if not isinstance(message, dict):
         raise APIError(400, f"{where} must be an object with 'role' and 'content'.", where)
     turn = tool_turn(message, where)
@@ -136,19 +134,37 @@ def _message(message: Any, where: str, image_urls: List[str]) -> Dict[str, str]:
             f"{where} has the role {shorten(json.dumps(role))}: use system, user, assistant or tool.",
             f"{where}.role",
         )
-    content = message.get("content")
-    if isinstance(content, list):
-        content = "\n".join(_part(part, f"{where}.content[{j}]", image_urls) for j, part in enumerate(content))
-    elif not isinstance(content, str):
-        raise APIError(400, f"{where}.content must be a string or a list of content parts.", f"{where}.content")
+    content = content_text(message.get("content"), f"{where}.content", image_urls)
     return {"role": "system" if role == "developer" else role, "content": content}
 
 
-def _part(part: Any, where: str, image_urls: List[str]) -> str:
+class PartTypes(NamedTuple):
+    """What a protocol calls its content parts: the types that hold a ``text``, and the one that holds an
+    ``image_url`` (a URL, or ``{"url": ...}``)."""
+
+    text: Tuple[str, ...]
+    image: str
+
+
+CHAT_PARTS = PartTypes(text=("text",), image="image_url")
+
+
+def content_text(content: Any, where: str, image_urls: List[str], types: PartTypes = CHAT_PARTS) -> str:
+    """A message's content, a string or a list of parts, as text: image parts become ``<image>`` in place (parts
+    are joined by new lines, so an image before a question reads ``<image>\\nquestion`` as in EVE's reference)
+    and their URLs are appended to ``image_urls``. ``where``: the content's path in the request."""
+    if isinstance(content, list):
+        return "\n".join(_part(part, f"{where}[{j}]", image_urls, types) for j, part in enumerate(content))
+    if not isinstance(content, str):
+        raise APIError(400, f"{where} must be a string or a list of content parts.", where)
+    return content
+
+
+def _part(part: Any, where: str, image_urls: List[str], types: PartTypes) -> str:
     kind = part.get("type") if isinstance(part, dict) else None
-    if kind == "text" and isinstance(part.get("text"), str):
+    if kind in types.text and isinstance(part.get("text"), str):
         return part["text"]
-    if kind == "image_url":
+    if kind == types.image:
         image = part.get("image_url")
         url = image.get("url") if isinstance(image, dict) else image
         if isinstance(url, str) and url:
@@ -156,7 +172,7 @@ def _part(part: Any, where: str, image_urls: List[str]) -> str:
             return IMAGE_PLACEHOLDER
     raise APIError(
         400,
-        f"{where} must be {{'type': 'text', 'text': ...}} or {{'type': 'image_url', 'image_url': {{'url': ...}}}}.",
+        f"{where} must be {{'type': '{types.text[0]}', 'text': ...}} or {{'type': '{types.image}', 'image_url': ...}}.",
         where,
     )
 
@@ -226,11 +242,12 @@ class Reply:
         return {"id": self.id, "object": kind, "created": self.created, "model": self.model_id}
 
 
-def log_usage(reply: Reply, last: Event) -> None:
+def log_usage(name: str, last: Event) -> None:
+    """The log line of a finished answer (``name``: the request's id), with its usage."""
     u = last.usage
     logger.info(
         "%s: %d prompt tokens (%d image, %d cached) in %.2f s, %d tokens in %.2f s, %s",
-        reply.id,
+        name,
         u.prompt_tokens,
         u.image_tokens,
         u.cached_tokens,
@@ -267,7 +284,7 @@ async def answer(served: Served, reply: Reply, stream: Stream, receive: Receive,
         entry = reply.logprob(last)
         if entry is not None:
             logprobs.append(entry)
-    log_usage(reply, last)
+    log_usage(reply.id, last)
     with_logprobs = chat.params.top_logprobs is not None
     return reply.completion(text, logprobs if with_logprobs else None, last, chat.tools is not None)
 
@@ -290,7 +307,7 @@ async def chunks(
                 yield server_sent(reply.chunk({}, finish_reason=finish))
                 if reply.include_usage:
                     yield server_sent(reply.usage_chunk(event.usage))
-                log_usage(reply, event)
+                log_usage(reply.id, event)
     except ClientGone:
         return
     except EVEError as error:  # the response has started: errors go in the stream, as OpenAI's do

@@ -86,6 +86,7 @@ def settings_of(args: argparse.Namespace) -> ServerSettings:
         api_key=args.api_key,
         allow_local_images=args.allow_local_images,
         max_body_bytes=args.max_body_bytes,
+        adapters=() if args.adapter_path is None else (args.adapter_path,),
         max_image_bytes=args.max_image_bytes,
         image_timeout=args.image_timeout,
     )

@@ -1,5 +1,6 @@
 """What every protocol of the server shares: the served model and its settings, a request submitted to the
-engine, and its events followed while the client waits for them (``follow``), streamed as server-sent events."""
+engine, and its events followed (and counted in the app's ``Metrics``) while the client waits for them
+(``follow``), streamed as server-sent events."""
 
 import asyncio
 import json
@@ -16,6 +17,7 @@ from ..processor import Processor
 from ..prompts import Prompt
 from ..request import SamplingParams
 from .errors import APIError, ClientGone, ServerStopping
+from .metrics import Metrics
 
 logger = logging.getLogger(__name__)
 # ASGI's ``receive``: the next message from the client's connection.
@@ -30,17 +32,19 @@ class ServerSettings(ImageLimits):
     aliases: Tuple[str, ...] = ()  # other names a request may give the served model
     api_key: Optional[str] = None
     max_body_bytes: int = 64 * 2**20
+    adapters: Tuple[str, ...] = ()  # the LoRA adapter folders applied to the model (its card lists them)
 
 
 @dataclass
 class Served:
-    """The model a server answers with: its engine and processor, the settings, and ``stopping``, set when the
-    answers in progress must end (the server is stopping)."""
+    """The model a server answers with: its engine and processor, the settings, ``stopping``, set when the
+    answers in progress must end (the server is stopping), and the metrics its requests count in."""
 
     engine: Engine
     processor: Processor
     settings: ServerSettings
     stopping: asyncio.Event
+    metrics: Metrics
 
     @property
     def vocab_size(self) -> int:
@@ -60,18 +64,22 @@ class Served:
 
     def _submit(self, prompt: Prompt, image_urls: Sequence[str], params: SamplingParams) -> Stream:
         images = [read_image(url, self.settings) for url in image_urls]
-        return self.engine.submit(prompt, images=images, params=params)
+        stream = self.engine.submit(prompt, images=images, params=params)
+        self.metrics.submitted(stream)
+        return stream
 
     def events(self, stream: Stream, receive: Receive, name: str) -> AsyncIterator[Event]:
-        return follow(stream, receive, self.stopping, name)
+        return follow(stream, receive, self.stopping, name, self.metrics)
 
 
-async def follow(stream: Stream, receive: Receive, stopping: asyncio.Event, name: str) -> AsyncIterator[Event]:
+async def follow(
+    stream: Stream, receive: Receive, stopping: asyncio.Event, name: str, metrics: Metrics
+) -> AsyncIterator[Event]:
     """The events of ``stream`` as they come, read on a thread of their own so that the event loop never blocks.
 
     The stream is cancelled, freeing its place in the batch, as soon as the client disconnects (``ClientGone``),
     ``stopping`` is set (``ServerStopping``), or this generator is closed or cancelled before the last event.
-    ``name``: the request's, for the log.
+    ``name``: the request's, for the log; ``metrics``: where its events and its cancellation are counted.
     """
     loop = asyncio.get_running_loop()
     events: "asyncio.Queue[Any]" = asyncio.Queue()
@@ -100,7 +108,9 @@ async def follow(stream: Stream, receive: Receive, stopping: asyncio.Event, name
                 item.cancel()
                 raise ClientGone() if gone.done() else ServerStopping("The server is shutting down.")
             if isinstance(item.result(), Exception):
+                finished = True  # the engine has ended the request: there is nothing to cancel
                 raise item.result()
+            metrics.event(stream, item.result())
             finished, tokens = item.result().finish_reason is not None, tokens + 1
             yield item.result()
     finally:
@@ -108,8 +118,10 @@ async def follow(stream: Stream, receive: Receive, stopping: asyncio.Event, name
         stop.cancel()
         if not finished:
             stream.cancel()
-            why = "the server is stopping" if stopping.is_set() else "the client disconnected"
+            stopped = stopping.is_set()
+            why = "the server is stopping" if stopped else "the client disconnected"
             logger.info("%s: cancelled after %d tokens: %s", name, tokens, why)
+            metrics.cancelled.labels("server_stopping" if stopped else "client_gone").inc()
 
 
 async def _disconnected(receive: Receive) -> None:

@@ -11,7 +11,7 @@ from ..arguments import COUNT, NON_NEGATIVE_INT, PORT, POSITIVE, ArgumentParser,
 from ..errors import run_cli
 from . import require
 
-INSTALL_HINT = "The server needs FastAPI and uvicorn: pip install 'mlx-eve[server]'"
+INSTALL_HINT = "The server needs FastAPI, uvicorn and prometheus-client: pip install 'mlx-eve[server]'"
 API_KEY_ENV = "MLX_EVE_API_KEY"
 
 
@@ -57,7 +57,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 def run(args: argparse.Namespace) -> None:
-    require(INSTALL_HINT, "fastapi", "uvicorn")
+    require(INSTALL_HINT, "fastapi", "uvicorn", "prometheus_client")
     # The library (and mlx-lm with it) once the arguments are good: see the package's docstring.
     from ..api.lifecycle import serve
 
