@@ -2,23 +2,22 @@
 (``chat.completion``) or streamed in chunks (``chat.completion.chunk``), with usage and log-probabilities."""
 
 import json
-import logging
 import time
 import uuid
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Dict, List, NamedTuple, Optional, Tuple
 
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from ..engine import Event, Stream, Usage
-from ..errors import EVEError, shorten
+from ..errors import shorten
 from ..prompts import IMAGE_PLACEHOLDER
 from ..request import SamplingParams
 from ..tools import parse_tool_calls
-from .errors import INTERNAL_ERROR, APIError, ClientGone, api_error
+from .errors import APIError
 from .fields import SAMPLING_FIELDS, format_grammar, option, refuse_unknown, sampling_params, string_list
-from .serving import Receive, Served, server_sent
+from .serving import Receive, Served, event_stream, log_usage, server_sent
 from .tool_calls import (
     TOOL_FIELDS,
     CallDeltas,
@@ -31,8 +30,6 @@ from .tool_calls import (
 )
 
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit
-
-logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -242,22 +239,6 @@ class Reply:
         return {"id": self.id, "object": kind, "created": self.created, "model": self.model_id}
 
 
-def log_usage(name: str, last: Event) -> None:
-    """The log line of a finished answer (``name``: the request's id), with its usage."""
-    u = last.usage
-    logger.info(
-        "%s: %d prompt tokens (%d image, %d cached) in %.2f s, %d tokens in %.2f s, %s",
-        name,
-        u.prompt_tokens,
-        u.image_tokens,
-        u.cached_tokens,
-        u.prompt_seconds,
-        u.completion_tokens,
-        u.generation_seconds,
-        last.finish_reason,
-    )
-
-
 async def chat_completions(served: Served, body: Dict[str, Any], receive: Receive) -> Response:
     """The answer to a chat-completions request ``body``: JSON, or an event stream with ``"stream": true``."""
     chat = parse_chat_request(body, served.vocab_size)
@@ -268,12 +249,8 @@ async def chat_completions(served: Served, body: Dict[str, Any], receive: Receiv
     stream = await served.submit(messages, chat.image_urls, chat.params)
     reply = Reply(served.settings.model_id, served.processor.tokenizer, chat.include_usage)
     if chat.stream:
-        headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-        return StreamingResponse(
-            chunks(served, reply, stream, receive, chat.tools is not None),
-            media_type="text/event-stream",
-            headers=headers,
-        )
+        pieces = chunks(served, reply, stream, receive, chat.tools is not None)
+        return event_stream(pieces, reply.id, lambda error: server_sent(error.body()))
     return JSONResponse(await answer(served, reply, stream, receive, chat))
 
 
@@ -294,27 +271,17 @@ async def chunks(
 ) -> AsyncIterator[str]:
     yield server_sent(reply.chunk({"role": "assistant", "content": ""}))
     deltas = CallDeltas() if with_tools else lambda text: [{"content": text}] if text else []
-    try:
-        async for event in served.events(stream, receive, reply.id):
-            entry = reply.logprob(event)
-            pieces = deltas(event.text)
-            for i, delta in enumerate(pieces or ([{"content": ""}] if entry is not None else [])):
-                yield server_sent(reply.chunk(delta, entry if i == 0 else None))
-            if event.finish_reason is not None:
-                finish = event.finish_reason
-                if with_tools and deltas.calls and finish == "stop":
-                    finish = "tool_calls"
-                yield server_sent(reply.chunk({}, finish_reason=finish))
-                if reply.include_usage:
-                    yield server_sent(reply.usage_chunk(event.usage))
-                log_usage(reply.id, event)
-    except ClientGone:
-        return
-    except EVEError as error:  # the response has started: errors go in the stream, as OpenAI's do
-        yield server_sent(api_error(error).body())
-        return
-    except Exception:
-        logger.exception("%s failed", reply.id)
-        yield server_sent(INTERNAL_ERROR.body())
-        return
+    async for event in served.events(stream, receive, reply.id):
+        entry = reply.logprob(event)
+        pieces = deltas(event.text)
+        for i, delta in enumerate(pieces or ([{"content": ""}] if entry is not None else [])):
+            yield server_sent(reply.chunk(delta, entry if i == 0 else None))
+        if event.finish_reason is not None:
+            finish = event.finish_reason
+            if with_tools and deltas.calls and finish == "stop":
+                finish = "tool_calls"
+            yield server_sent(reply.chunk({}, finish_reason=finish))
+            if reply.include_usage:
+                yield server_sent(reply.usage_chunk(event.usage))
+            log_usage(reply.id, event)
     yield server_sent("[DONE]")

@@ -2,22 +2,21 @@
 conversation template, answered whole or streamed in chunks (``text_completion`` objects both), with usage."""
 
 import json
-import logging
 import time
 import uuid
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Dict, Optional
 
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 
 from ..engine import Stream, Usage
-from ..errors import EVEError, shorten
+from ..errors import shorten
 from ..prompts import IMAGE_PLACEHOLDER, RawPrompt
 from ..request import SamplingParams
-from .chat_completions import log_usage, usage_json
-from .errors import INTERNAL_ERROR, APIError, ClientGone, api_error
+from .chat_completions import usage_json
+from .errors import APIError
 from .fields import SAMPLING_FIELDS, option, refuse_unknown, sampling_params, string_list
-from .serving import Receive, Served, server_sent
+from .serving import Receive, Served, event_stream, log_usage, server_sent
 
 # Fields a request may carry beside the sampling ones (``fields.SAMPLING_FIELDS``); any other is refused.
 COMPLETION_FIELDS = (
@@ -32,8 +31,6 @@ COMPLETION_FIELDS = (
     "logprobs",
     "user",  # bookkeeping that does not change the answer
 )
-
-logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -106,21 +103,11 @@ async def completions(served: Served, body: Dict[str, Any], receive: Receive) ->
     """The answer to a completions request ``body``: JSON, or an event stream with ``"stream": true``."""
     request = parse_completion_request(body, served.vocab_size)
     served.check_model(request.model)
-    try:
-        stream = await served.submit(RawPrompt(request.prompt), [], request.params)
-    except EVEError as error:
-        answer_error = api_error(error)
-        if answer_error.param == "messages":  # the engine's errors name the prompt as chat's field
-            answer_error.param = "prompt"
-        raise answer_error from error
+    stream = await served.submit(RawPrompt(request.prompt), [], request.params, {"messages": "prompt"})
     reply = Reply(served.settings.model_id)
     if request.stream:
-        headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-        return StreamingResponse(
-            chunks(served, reply, stream, receive, request.include_usage),
-            media_type="text/event-stream",
-            headers=headers,
-        )
+        pieces = chunks(served, reply, stream, receive, request.include_usage)
+        return event_stream(pieces, reply.id, lambda error: server_sent(error.body()))
     return JSONResponse(await answer(served, reply, stream, receive))
 
 
@@ -136,18 +123,10 @@ async def chunks(
     served: Served, reply: Reply, stream: Stream, receive: Receive, include_usage: bool
 ) -> AsyncIterator[str]:
     last = None
-    try:
-        async for last in served.events(stream, receive, reply.id):
-            if last.text or last.finish_reason is not None:
-                yield server_sent(reply.chunk(last.text, last.finish_reason))
-        log_usage(reply.id, last)
-        if include_usage:
-            yield server_sent(reply.usage_chunk(last.usage))
-        yield server_sent("[DONE]")
-    except ClientGone:
-        return
-    except EVEError as error:  # the response has started: errors go in the stream, as OpenAI's do
-        yield server_sent(api_error(error).body())
-    except Exception:
-        logger.exception("%s failed", reply.id)
-        yield server_sent(INTERNAL_ERROR.body())
+    async for last in served.events(stream, receive, reply.id):
+        if last.text or last.finish_reason is not None:
+            yield server_sent(reply.chunk(last.text, last.finish_reason))
+    log_usage(reply.id, last)
+    if include_usage:
+        yield server_sent(reply.usage_chunk(last.usage))
+    yield server_sent("[DONE]")

@@ -1,6 +1,6 @@
 """Errors answered with an HTTP status, and what becomes of the engine's errors."""
 
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Mapping, Optional
 
 from ..engine import QueueFullError
 from ..errors import EVEError, ImageError, PromptTooLongError
@@ -25,8 +25,15 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
 
 
-def api_error(error: EVEError) -> APIError:
-    """The HTTP answer to an error of the engine: 400 for the request's own fault, 503 when it cannot take it."""
+def api_error(error: EVEError, names: Mapping[str, str] = {}) -> APIError:
+    """The HTTP answer to an error of the engine: 400 for the request's own fault, 503 when it cannot take it.
+    ``names``: what the protocol calls the fields the answer names as chat completions does (``messages``...)."""
+    answer = _api_error(error)
+    answer.param = names.get(answer.param, answer.param)
+    return answer
+
+
+def _api_error(error: EVEError) -> APIError:
     if isinstance(error, QueueFullError):
         return APIError(503, str(error), code="server_overloaded", kind="server_error")
     if isinstance(error, PromptTooLongError):

@@ -2,20 +2,19 @@
 ``message``) or streamed as Anthropic's named server-sent events, and every error in Anthropic's shape."""
 
 import json
-import logging
 import uuid
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Dict, List, Optional
 
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 
 from ..engine import Event, Stream, Usage
-from ..errors import EVEError, shorten
+from ..errors import shorten
 from ..request import SamplingParams
-from .chat_completions import content_text, log_usage
-from .errors import INTERNAL_ERROR, APIError, ClientGone, api_error
+from .chat_completions import content_text
+from .errors import APIError
 from .fields import option, refuse_unknown, sampling_params, string_list
-from .serving import Receive, Served, server_sent
+from .serving import Receive, Served, event_stream, log_usage, server_sent
 from .tool_calls import merge_turns
 
 PATH = "/v1/messages"  # the app answers every failure under it in Anthropic's shape (``error_body``)
@@ -45,8 +44,6 @@ ERROR_TYPES = {
 }
 # What a message starts with: the engine counts the tokens when the answer ends (``message_delta`` has them).
 NO_USAGE = Usage(0, 0, 0, 0, 0.0, 0.0)
-
-logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -188,10 +185,8 @@ async def messages(served: Served, body: Dict[str, Any], receive: Receive) -> Re
     stream = await served.submit(request.messages, request.image_urls, request.params)
     reply = Reply(served.settings.model_id)
     if request.stream:
-        headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-        return StreamingResponse(
-            events(served, reply, stream, receive), media_type="text/event-stream", headers=headers
-        )
+        pieces = events(served, reply, stream, receive)
+        return event_stream(pieces, reply.id, lambda error: _event(error_body(error)))
     return JSONResponse(await answer(served, reply, stream, receive))
 
 
@@ -208,19 +203,11 @@ async def events(served: Served, reply: Reply, stream: Stream, receive: Receive)
     yield _event({"type": "content_block_start", "index": 0, "content_block": _text_block("")})
     yield _event({"type": "ping"})
     last = None
-    try:
-        async for last in served.events(stream, receive, reply.id):
-            if last.text:
-                delta = {"type": "text_delta", "text": last.text}
-                yield _event({"type": "content_block_delta", "index": 0, "delta": delta})
-        log_usage(reply.id, last)
-        yield _event({"type": "content_block_stop", "index": 0})
-        yield _event({"type": "message_delta", "delta": _ending(last), "usage": usage_json(last.usage)})
-        yield _event({"type": "message_stop"})
-    except ClientGone:
-        return
-    except EVEError as error:  # the response has started: errors go in the stream, as Anthropic's do
-        yield _event(error_body(api_error(error)))
-    except Exception:
-        logger.exception("%s failed", reply.id)
-        yield _event(error_body(INTERNAL_ERROR))
+    async for last in served.events(stream, receive, reply.id):
+        if last.text:
+            delta = {"type": "text_delta", "text": last.text}
+            yield _event({"type": "content_block_delta", "index": 0, "delta": delta})
+    log_usage(reply.id, last)
+    yield _event({"type": "content_block_stop", "index": 0})
+    yield _event({"type": "message_delta", "delta": _ending(last), "usage": usage_json(last.usage)})
+    yield _event({"type": "message_stop"})

@@ -5,21 +5,20 @@ The server keeps no responses: each request carries its whole conversation in ``
 one (``previous_response_id``, ``conversation``, ``background``) is refused with the other unknown fields."""
 
 import json
-import logging
 import time
 import uuid
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Dict, List, Optional
 
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 
 from ..engine import Event, Stream
-from ..errors import EVEError, shorten
+from ..errors import shorten
 from ..request import SamplingParams
-from .chat_completions import PartTypes, content_text, log_usage
-from .errors import INTERNAL_ERROR, APIError, ClientGone, api_error
+from .chat_completions import PartTypes, content_text
+from .errors import APIError
 from .fields import SAMPLING_FIELDS, format_grammar, option, refuse_unknown, sampling_params
-from .serving import Receive, Served, server_sent
+from .serving import Receive, Served, event_stream, log_usage, server_sent
 
 # Fields a request may carry beside the sampling ones (``fields.SAMPLING_FIELDS``); any other is refused.
 RESPONSES_FIELDS = (
@@ -38,9 +37,9 @@ RESPONSES_FIELDS = (
     "prompt_cache_key",
     "safety_identifier",
 )
+# What this API calls the fields the engine's errors name as chat completions does.
+NAMES = {"messages": "input", "response_format": "text.format"}
 INPUT_PARTS = PartTypes(text=("input_text", "output_text"), image="input_image")
-
-logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -128,12 +127,6 @@ def _response_format(text_format: Any) -> Any:
     return {"type": "json_schema", "json_schema": {k: v for k, v in text_format.items() if k != "type"}}
 
 
-def _renamed(error: APIError) -> APIError:
-    """``api_error``'s answer with the fields named as this API names them."""
-    param = {"messages": "input", "response_format": "text.format"}.get(error.param, error.param)
-    return APIError(error.status, error.message, param, error.code, error.kind)
-
-
 class Reply:
     """The ``response`` object of one answer, and the events that stream it, numbered in order."""
 
@@ -208,16 +201,10 @@ async def responses(served: Served, body: Dict[str, Any], receive: Receive) -> R
     """The answer to a Responses API request ``body``: a response object, or its events with ``"stream": true``."""
     request = parse_responses_request(body, served.vocab_size)
     served.check_model(request.model)
-    try:
-        stream = await served.submit(request.messages, request.image_urls, request.params)
-    except EVEError as error:
-        raise _renamed(api_error(error)) from error
+    stream = await served.submit(request.messages, request.image_urls, request.params, NAMES)
     reply = Reply(served.settings.model_id, request.echoed)
     if request.stream:
-        headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-        return StreamingResponse(
-            events(served, reply, stream, receive), media_type="text/event-stream", headers=headers
-        )
+        return event_stream(events(served, reply, stream, receive), reply.id, reply.error)
     return JSONResponse(await answer(served, reply, stream, receive))
 
 
@@ -235,20 +222,10 @@ async def events(served: Served, reply: Reply, stream: Stream, receive: Receive)
     yield reply.event("response.output_item.added", output_index=0, item=reply.message("in_progress", None))
     yield reply.event("response.content_part.added", **reply.text_at, part=_text_part(""))
     text, last = "", None
-    try:
-        async for last in served.events(stream, receive, reply.id):
-            if last.text:
-                text += last.text
-                yield reply.event("response.output_text.delta", **reply.text_at, delta=last.text, logprobs=[])
-    except ClientGone:
-        return
-    except EVEError as error:  # the response has started: errors go in the stream, as OpenAI's do
-        yield reply.error(_renamed(api_error(error)))
-        return
-    except Exception:
-        logger.exception("%s failed", reply.id)
-        yield reply.error(INTERNAL_ERROR)
-        return
+    async for last in served.events(stream, receive, reply.id):
+        if last.text:
+            text += last.text
+            yield reply.event("response.output_text.delta", **reply.text_at, delta=last.text, logprobs=[])
     log_usage(reply.id, last)
     yield reply.event("response.output_text.done", **reply.text_at, text=text, logprobs=[])
     yield reply.event("response.content_part.done", **reply.text_at, part=_text_part(text))

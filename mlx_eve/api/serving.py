@@ -7,16 +7,18 @@ import json
 import logging
 import threading
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Awaitable, Callable, Dict, Optional, Sequence, Tuple, Union
+from typing import Any, AsyncIterator, Awaitable, Callable, Dict, Mapping, Optional, Sequence, Tuple, Union
 
 from starlette.concurrency import run_in_threadpool
+from starlette.responses import StreamingResponse
 
 from ..engine import Engine, Event, Stream
+from ..errors import EVEError
 from ..image_fetching import ImageLimits, read_image
 from ..processor import Processor
 from ..prompts import Prompt
 from ..request import SamplingParams
-from .errors import APIError, ClientGone, ServerStopping
+from .errors import INTERNAL_ERROR, APIError, ClientGone, ServerStopping, api_error
 from .metrics import Metrics
 
 logger = logging.getLogger(__name__)
@@ -58,9 +60,15 @@ class Served:
             message = f"The model {name!r} is not served here; this server serves {self.settings.model_id!r}."
             raise APIError(404, message, "model", "model_not_found")
 
-    async def submit(self, prompt: Prompt, image_urls: Sequence[str], params: SamplingParams) -> Stream:
-        """A request in the engine, its images read first (on a worker thread: a download can take seconds)."""
-        return await run_in_threadpool(self._submit, prompt, image_urls, params)
+    async def submit(
+        self, prompt: Prompt, image_urls: Sequence[str], params: SamplingParams, names: Mapping[str, str] = {}
+    ) -> Stream:
+        """A request in the engine, its images read first (on a worker thread: a download can take seconds).
+        A request the engine refuses is an ``APIError`` naming its field by ``names`` (``api_error``)."""
+        try:
+            return await run_in_threadpool(self._submit, prompt, image_urls, params)
+        except EVEError as error:
+            raise api_error(error, names) from error
 
     def _submit(self, prompt: Prompt, image_urls: Sequence[str], params: SamplingParams) -> Stream:
         images = [read_image(url, self.settings) for url in image_urls]
@@ -128,6 +136,43 @@ async def _disconnected(receive: Receive) -> None:
     """Returns when the client has closed the connection (ASGI ``http.disconnect``)."""
     while (await receive())["type"] != "http.disconnect":
         pass
+
+
+def log_usage(name: str, last: Event) -> None:
+    """The log line of a finished answer (``name``: the request's id), with its usage."""
+    u = last.usage
+    logger.info(
+        "%s: %d prompt tokens (%d image, %d cached) in %.2f s, %d tokens in %.2f s, %s",
+        name,
+        u.prompt_tokens,
+        u.image_tokens,
+        u.cached_tokens,
+        u.prompt_seconds,
+        u.completion_tokens,
+        u.generation_seconds,
+        last.finish_reason,
+    )
+
+
+def event_stream(pieces: AsyncIterator[str], name: str, error_event: Callable[[APIError], str]) -> StreamingResponse:
+    """The response that streams ``pieces`` (server-sent events) as they come. Once it has begun its status is
+    sent, so an error on the way is its last piece instead, the protocol's ``error_event``; a client that went
+    away ends it quietly. ``name``: the request's, for the log."""
+
+    async def until_error() -> AsyncIterator[str]:
+        try:
+            async for piece in pieces:
+                yield piece
+        except ClientGone:
+            return
+        except EVEError as error:
+            yield error_event(api_error(error))
+        except Exception:
+            logger.exception("%s failed", name)
+            yield error_event(INTERNAL_ERROR)
+
+    headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    return StreamingResponse(until_error(), media_type="text/event-stream", headers=headers)
 
 
 def server_sent(data: Union[Dict[str, Any], str]) -> str:
