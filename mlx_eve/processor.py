@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import List, Optional, Sequence, Union
 
 import mlx.core as mx
-from mlx_lm.tokenizer_utils import TokenizerWrapper
+from mlx_lm.tokenizer_utils import SPMStreamingDetokenizer, TokenizerWrapper
 from mlx_lm.tokenizer_utils import load as load_tokenizer
 from PIL import Image
 from transformers.utils import logging as hf_logging
@@ -158,10 +158,16 @@ def read_tokenizer(model_path: Path) -> TokenizerWrapper:
             "of the original checkpoint into it."
         )
     try:
-        return _quietly(load_tokenizer, model_path)
+        tokenizer = _quietly(load_tokenizer, model_path)
     except Exception as e:  # transformers raises many kinds, some misleading ("install sentencepiece")
         detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"The tokenizer in {model_path} could not be read: {detail}") from e
+    if not (model_path / "tokenizer.json").exists() and (model_path / "tokenizer.model").exists():
+        # mlx-lm picks its SentencePiece detokenizer from tokenizer.json alone. Without it (EVEv1 as released), its
+        # fallback decodes the answer so far at each token, and SentencePiece drops a character before an
+        # incomplete one made of byte pieces, which that fallback then repeats.
+        tokenizer._detokenizer = SPMStreamingDetokenizer(tokenizer._tokenizer)
+    return tokenizer
 
 
 def _quietly(fn, *args):

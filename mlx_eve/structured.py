@@ -129,7 +129,7 @@ def check_grammar(grammar: str, tokenizer: TokenizerWrapper) -> None:
     """``GrammarError`` with llguidance's reason when ``grammar`` cannot be used with ``tokenizer``."""
     failed, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar, _engine_tokenizer(tokenizer))
     if failed:
-        raise GrammarError(f"The grammar cannot be used: {'; '.join(messages)}")
+        raise GrammarError(_one_line(f"The grammar cannot be used: {'; '.join(messages)}"))
 
 
 class GrammarProcessor:
@@ -144,7 +144,7 @@ class GrammarProcessor:
         self.tokenizer = _engine_tokenizer(tokenizer)
         self.matcher = llguidance.LLMatcher(self.tokenizer, grammar, log_level=0)
         if self.matcher.is_error():
-            raise GrammarError(f"The grammar cannot be used: {self.matcher.get_error()}")
+            raise GrammarError(_one_line(f"The grammar cannot be used: {self.matcher.get_error()}"))
         self.started = False
 
     def __call__(self, tokens: mx.array, logits: mx.array) -> mx.array:
@@ -159,6 +159,11 @@ class GrammarProcessor:
             allowed = np.unpackbits(bits, bitorder="little").astype(bool)
             allowed = np.pad(allowed, (0, max(0, logits.shape[-1] - allowed.size)))[: logits.shape[-1]]
         return mx.where(mx.array(allowed), logits, -mx.inf)
+
+
+def _one_line(message: str) -> str:
+    """llguidance's message on one line (a regex error draws the pattern and a caret under it)."""
+    return " ".join(message.split())
 
 
 @functools.lru_cache(maxsize=4)
