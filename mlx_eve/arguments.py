@@ -2,6 +2,7 @@
 parsed (the same checks serve YAML configs), and a parser whose mistakes are reported in one line."""
 
 import argparse
+import json
 import math
 from pathlib import Path
 from typing import Callable, NoReturn
@@ -74,3 +75,18 @@ def add_model_options(parser: argparse.ArgumentParser, resolution: str = "EVEv2 
     )
     add("--adapter-path", type=FOLDER, default=None, help="Folder with LoRA adapters to apply.")
     add("--max-size", type=COUNT, default=None, help=f"{resolution} (default: the model's).")
+
+
+def json_schema_file(text: str) -> dict:
+    """An option type: the JSON Schema a file holds. Whether the grammar engine can use it is checked once the
+    model's tokenizer is loaded."""
+    path = Path(text)
+    if not path.is_file():
+        raise argparse.ArgumentTypeError(f"no such file: {text}")
+    try:
+        schema = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"{text} is not JSON: {e}") from e
+    if not isinstance(schema, dict):
+        raise argparse.ArgumentTypeError(f"{text} is not a JSON Schema, which is a JSON object")
+    return schema

@@ -4,7 +4,9 @@
 
 Writes one line per image, in the order the images were found (sorted, folders searched recursively), each
 complete and flushed as soon as its answer is: an interrupted run leaves a valid file, and running the same
-command again answers only the images the file does not hold yet.
+command again answers only the images the file does not hold yet. With ``--json-schema`` every answer is a JSON
+value that follows the schema (constrained decoding): in JSONL the value itself, in a CSV one column per
+top-level property.
 """
 
 import argparse
@@ -14,11 +16,12 @@ import io
 import json
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
-from ..arguments import COUNT, NON_NEGATIVE, ArgumentParser, add_model_options
-from ..errors import EVEError, run_cli
+from ..arguments import COUNT, NON_NEGATIVE, ArgumentParser, add_model_options, json_schema_file
+from ..errors import EVEError, run_cli, shorten
 from .generate import read_prompt
 
 # What a folder or a pattern contributes; a file named outright is read whatever its name.
@@ -26,9 +29,29 @@ IMAGE_EXTENSIONS = {
     ".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm",
     ".pnm", ".tga", ".ico",
 }  # fmt: skip
-# The columns of both formats. An image that could not be answered has only path and error.
+# The columns of both formats. An image that could not be read has only path and error; an answer whose JSON
+# is incomplete has no answer, and an error.
 COLUMNS = ["path", "prompt", "answer", "prompt_tokens", "image_tokens", "generation_tokens", "seconds", "error"]
 FORMATS = ("jsonl", "csv")
+# How the progress bar and the closing line count the images without an answer.
+FAILURES = {"unreadable": "could not be read", "incomplete": "ended before their JSON was complete"}
+
+
+def answer_columns(schema: Optional[dict]) -> List[str]:
+    """The CSV columns of the answer: ``answer``, or with a JSON Schema its top-level properties, in order.
+    ``ValueError`` for a schema whose answers have no properties, or properties named like another column."""
+    if schema is None:
+        return ["answer"]
+    properties = schema.get("properties") if schema.get("type") == "object" else None
+    if not isinstance(properties, dict) or not properties:
+        raise ValueError("--format csv needs a --json-schema of an object with properties (a column each)")
+    taken = [name for name in properties if name in COLUMNS and name != "answer"]
+    if taken:
+        raise ValueError(
+            f"--format csv: the schema's properties {', '.join(taken)} have the names of the CSV's own columns; "
+            "use --format jsonl"
+        )
+    return list(properties)
 
 
 def find_images(sources: Sequence[str]) -> List[Path]:
@@ -57,15 +80,18 @@ def find_images(sources: Sequence[str]) -> List[Path]:
 
 
 class Output:
-    """The answers file: the paths it already holds, and one complete, flushed line per ``write``."""
+    """The answers file: the paths it already holds, and one complete, flushed line per ``write``. In a CSV
+    the answer takes ``answers`` columns (``answer_columns``)."""
 
-    def __init__(self, path: Path, format: str, overwrite: bool):
-        self.path, self.format = path, format
+    def __init__(self, path: Path, format: str, overwrite: bool, answers: Sequence[str] = ("answer",)):
+        self.path, self.format, self.answers = path, format, list(answers)
+        at = COLUMNS.index("answer")
+        self.columns = COLUMNS[:at] + self.answers + COLUMNS[at + 1 :]
         if not path.parent.is_dir():
             raise EVEError(f"No such folder for --output: {path.parent}")
         self.done = set() if overwrite or not path.exists() else self._read_done()
         self._file = open(path, "w" if overwrite else "a", encoding="utf-8", newline="")
-        self._csv = csv.DictWriter(self._file, COLUMNS, lineterminator="\n") if format == "csv" else None
+        self._csv = csv.DictWriter(self._file, self.columns, lineterminator="\n") if format == "csv" else None
         if self._csv and self._file.tell() == 0:
             self._csv.writeheader()
             self._file.flush()
@@ -75,10 +101,13 @@ class Output:
         the file's beginning shows that this command wrote it."""
         raw = self.path.read_bytes()
         end = _complete_end(raw, self.format)
-        beginning = (",".join(COLUMNS) + "\n" if self.format == "csv" else '{"path": ').encode()
+        beginning = (_csv_line(self.columns) if self.format == "csv" else '{"path": ').encode()
         head = raw[:end] or raw  # the complete lines, or the start of the first one
         if not (head.startswith(beginning) or beginning.startswith(head)):
-            raise EVEError(f"{self.path} was not written by this command; use --overwrite or another --output.")
+            raise EVEError(
+                f"{self.path} was not written by this command, or with other columns; use --overwrite or another "
+                "--output."
+            )
         text = raw[:end].decode("utf-8", errors="replace")
         if self.format == "csv":
             done = {row["path"] for row in csv.DictReader(io.StringIO(text, newline=""))}
@@ -97,13 +126,27 @@ class Output:
 
     def write(self, row: dict) -> None:
         if self._csv:
-            self._csv.writerow(row)
+            self._csv.writerow(row if self.answers == ["answer"] else self._spread(row))
         else:
             self._file.write(json.dumps(row, ensure_ascii=False) + "\n")
         self._file.flush()
 
     def close(self) -> None:
         self._file.close()
+
+    def _spread(self, row: dict) -> dict:
+        """``row`` with its JSON answer in its properties' columns: strings as they are, other values as JSON."""
+        cells = {name: value for name, value in row.items() if name != "answer"}
+        for name, value in row.get("answer", {}).items():
+            if name in self.answers:
+                cells[name] = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+        return cells
+
+
+def _csv_line(values: Sequence[str]) -> str:
+    line = io.StringIO()
+    csv.writer(line, lineterminator="\n").writerow(values)
+    return line.getvalue()
 
 
 def _complete_end(raw: bytes, format: str) -> int:
@@ -132,21 +175,33 @@ def build_parser() -> argparse.ArgumentParser:
     add("--overwrite", action="store_true", help="Start again instead of skipping images already in --output.")
     add("--batch-size", type=COUNT, default=8, help="Images answered together (default %(default)s).")
     add("--max-tokens", "-m", type=COUNT, default=256, help="Maximum answer length (default %(default)s).")
+    add(
+        "--json-schema",
+        type=json_schema_file,
+        default=None,
+        metavar="FILE",
+        help="A JSON Schema file: each answer is JSON that follows it (in a CSV, a column per top-level property).",
+    )
     add("--temp", "--temperature", dest="temp", type=NON_NEGATIVE, default=0.0, help="Sampling temperature.")
     return p
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if args.format is None:
         args.format = "csv" if args.output.suffix.lower() == ".csv" else "jsonl"
+    try:
+        args.answer_columns = answer_columns(args.json_schema) if args.format == "csv" else ["answer"]
+    except ValueError as e:
+        parser.error(str(e))
     return run_cli(lambda: run(args), f"interrupted: every answer so far is in {args.output}; run again to go on")
 
 
 def run(args: argparse.Namespace) -> None:
     prompt = read_prompt(args.prompt, with_images=True)
     images = find_images(args.images)
-    output = Output(args.output, args.format, args.overwrite)
+    output = Output(args.output, args.format, args.overwrite, args.answer_columns)
     try:
         todo = [path for path in images if str(path) not in output.done]
         if not todo:
@@ -165,34 +220,57 @@ def caption(args: argparse.Namespace, prompt: str, images: List[Path], output: O
     from ..answering import Request, answer_in_order
     from ..loading import load
     from ..request import SamplingParams
+    from ..structured import check_grammar, json_schema_grammar
     from .progress import advance, progress_bar
 
     model, processor = load(args.model, adapter_path=args.adapter_path, max_size=args.max_size)
-    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temp)
+    grammar = None
+    if args.json_schema is not None:
+        grammar = json_schema_grammar(args.json_schema)
+        check_grammar(grammar, processor.tokenizer)  # once here, rather than an error line for every image
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temp, grammar=grammar)
     requests = (Request(prompt, [path], args.system_prompt) for path in images)
     answers = answer_in_order(model, processor, requests, params, batch_size=args.batch_size)
-    errors, tic = 0, time.perf_counter()
+    failed, tic = Counter(), time.perf_counter()
     with progress_bar(total, total - len(images), "image") as bar:
         for path, answer in zip(images, answers):
             if isinstance(answer, EVEError):
-                errors += 1
+                failed["unreadable"] += 1
                 output.write({"path": str(path), "error": str(answer)})
             else:
-                usage = answer.usage
-                output.write(
-                    {
-                        "path": str(path),
-                        "prompt": prompt,
-                        "answer": answer.text.strip(),
-                        "prompt_tokens": usage.prompt_tokens,
-                        "image_tokens": usage.image_tokens,
-                        "generation_tokens": usage.completion_tokens,
-                        "seconds": round(answer.seconds, 3),
-                    }
-                )
-            advance(bar, f"{errors} unreadable" if errors else "")
+                row = _answer_row(path, prompt, answer, grammar is not None, args.max_tokens)
+                if "error" in row:
+                    failed["incomplete"] += 1
+                output.write(row)
+            advance(bar, ", ".join(f"{count} {kind}" for kind, count in failed.items()))
     print(
-        f"Done in {time.perf_counter() - tic:.1f} s: {len(images) - errors} answered"
-        + (f", {errors} could not be read (error lines)" if errors else "")
+        f"Done in {time.perf_counter() - tic:.1f} s: {len(images) - sum(failed.values())} answered"
+        + "".join(f", {count} {FAILURES[kind]}" for kind, count in failed.items())
+        + (" (error lines)" if failed else "")
         + f"; all in {args.output}."
     )
+
+
+def _answer_row(path: Path, prompt: str, answer, structured: bool, max_tokens: int) -> dict:
+    """The line of an answered image. A ``structured`` answer is parsed; one whose JSON is incomplete (cut by
+    ``max_tokens``) has an error instead."""
+    usage = answer.usage
+    row = {
+        "path": str(path),
+        "prompt": prompt,
+        "answer": answer.text.strip(),
+        "prompt_tokens": usage.prompt_tokens,
+        "image_tokens": usage.image_tokens,
+        "generation_tokens": usage.completion_tokens,
+        "seconds": round(answer.seconds, 3),
+    }
+    if structured:
+        try:
+            row["answer"] = json.loads(answer.text)
+        except ValueError:
+            del row["answer"]
+            row["error"] = (
+                f"The answer ended after {usage.completion_tokens} tokens (--max-tokens {max_tokens}) before its "
+                f"JSON was complete: {shorten(answer.text)}"
+            )
+    return row

@@ -12,6 +12,7 @@ from ..arguments import (
     PROBABILITY,
     ArgumentParser,
     add_model_options,
+    json_schema_file,
     number,
 )
 from ..errors import PromptError, run_cli
@@ -26,6 +27,13 @@ def build_parser() -> argparse.ArgumentParser:
     add("--prompt", "-p", default=None, help=f"The question ('-' reads stdin; with images: {DESCRIBE!r}).")
     add("--system-prompt", default=None, help="Replace the template's system prompt.")
     add("--max-tokens", "-m", type=COUNT, default=256, help="Maximum number of tokens to generate.")
+    add(
+        "--json-schema",
+        type=json_schema_file,
+        default=None,
+        metavar="FILE",
+        help="A JSON Schema file: the answer is JSON that follows it (constrained decoding).",
+    )
     add("--temp", "--temperature", dest="temp", type=NON_NEGATIVE, default=0.0, help="Sampling temperature.")
     add(
         "--top-p",
@@ -118,9 +126,12 @@ def run(args: argparse.Namespace) -> None:
         kv_group_size=args.kv_group_size,
         quantized_kv_start=args.quantized_kv_start,
         prefill_step_size=args.prefill_step_size,
+        json_schema=args.json_schema,
     ):
         show(response.text, end="", flush=True)
     show()
+    if args.json_schema is not None and response.finish_reason == "length":
+        show("[WARNING] The answer reached --max-tokens before its JSON was complete.", file=sys.stderr)
     show("=" * 10)
     show(
         f"Prompt: {response.prompt_tokens} tokens ({response.image_tokens} image tokens), "
