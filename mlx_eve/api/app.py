@@ -6,7 +6,7 @@ import asyncio
 import json
 import secrets
 import time
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Awaitable, Callable, Dict, Optional, Sequence
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
@@ -22,8 +22,15 @@ from ..quantization import config_block, of_model
 from . import chat_completions, completions, messages, responses
 from .errors import INTERNAL_ERROR, APIError, ClientGone, api_error
 from .metrics import Metrics, RequestCounter
-from .serving import Served, ServerSettings
+from .serving import Receive, Served, ServerSettings
 
+# The protocols, each answering a POST of a JSON body at its path.
+PROTOCOLS = {
+    "/v1/chat/completions": chat_completions.chat_completions,
+    "/v1/responses": responses.responses,
+    "/v1/completions": completions.completions,
+    messages.PATH: messages.messages,
+}
 # What the server does beside its endpoints (the model card's ``capabilities`` lists both).
 FEATURES = ("streaming", "logprobs", "structured_outputs", "tool_calls")
 
@@ -39,33 +46,8 @@ def create_app(engine: Engine, processor: Processor, settings: ServerSettings) -
     app.add_middleware(RequestCounter, requests=served.metrics.requests, routes=app.routes)
     authorized = [Depends(BearerKey(settings.api_key))]
 
-    @app.post("/v1/chat/completions", dependencies=authorized)
-    async def chat(request: Request) -> Response:
-        try:
-            return await chat_completions.chat_completions(served, await read_json(request, settings), request.receive)
-        except ClientGone:
-            return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
-
-    @app.post("/v1/responses", dependencies=authorized)
-    async def create_response(request: Request) -> Response:
-        try:
-            return await responses.responses(served, await read_json(request, settings), request.receive)
-        except ClientGone:
-            return Response(status_code=499)
-
-    @app.post("/v1/completions", dependencies=authorized)
-    async def complete(request: Request) -> Response:
-        try:
-            return await completions.completions(served, await read_json(request, settings), request.receive)
-        except ClientGone:
-            return Response(status_code=499)
-
-    @app.post(messages.PATH, dependencies=authorized)
-    async def create_message(request: Request) -> Response:
-        try:
-            return await messages.messages(served, await read_json(request, settings), request.receive)
-        except ClientGone:
-            return Response(status_code=499)
+    for path, answer in PROTOCOLS.items():
+        app.post(path, dependencies=authorized)(_route(answer, served))
 
     @app.get("/v1/models", dependencies=authorized)
     async def models() -> Dict[str, Any]:
@@ -85,6 +67,18 @@ def create_app(engine: Engine, processor: Processor, settings: ServerSettings) -
         return served.metrics.response()
 
     return app
+
+
+def _route(answer: Callable[[Served, Dict[str, Any], Receive], Awaitable[Response]], served: Served):
+    """The route of a protocol's ``answer`` to a JSON body."""
+
+    async def route(request: Request) -> Response:
+        try:
+            return await answer(served, await read_json(request, served.settings), request.receive)
+        except ClientGone:
+            return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
+
+    return route
 
 
 def add_error_handlers(app: FastAPI) -> None:

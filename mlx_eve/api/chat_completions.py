@@ -16,7 +16,15 @@ from ..prompts import IMAGE_PLACEHOLDER
 from ..request import SamplingParams
 from ..tools import parse_tool_calls
 from .errors import APIError
-from .fields import SAMPLING_FIELDS, format_grammar, option, refuse_unknown, sampling_params, string_list
+from .fields import (
+    BOOKKEEPING_FIELDS,
+    SAMPLING_FIELDS,
+    format_grammar,
+    option,
+    refuse_unknown,
+    sampling_params,
+    string_list,
+)
 from .serving import Receive, Served, event_stream, log_usage, server_sent
 from .tool_calls import (
     TOOL_FIELDS,
@@ -58,20 +66,13 @@ CHAT_FIELDS = (
     "top_logprobs",
     "stop",
     "response_format",
-    # Bookkeeping of OpenAI's that does not change the answer.
-    "user",
-    "metadata",
-    "store",
-    "service_tier",
-    "prompt_cache_key",
-    "safety_identifier",
 )
 
 
 def parse_chat_request(body: Dict[str, Any], vocab_size: int) -> ChatRequest:
     """Check a request body (``APIError`` 400 naming the faulty field, or a field the server does not know).
     ``vocab_size``: the model's, for ``logit_bias``."""
-    refuse_unknown(body, CHAT_FIELDS + TOOL_FIELDS + SAMPLING_FIELDS)
+    refuse_unknown(body, CHAT_FIELDS + TOOL_FIELDS + SAMPLING_FIELDS + BOOKKEEPING_FIELDS)
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise APIError(400, "'messages' must be a non-empty list of messages.", "messages")

@@ -108,15 +108,8 @@ async def completions(served: Served, body: Dict[str, Any], receive: Receive) ->
     if request.stream:
         pieces = chunks(served, reply, stream, receive, request.include_usage)
         return event_stream(pieces, reply.id, lambda error: server_sent(error.body()))
-    return JSONResponse(await answer(served, reply, stream, receive))
-
-
-async def answer(served: Served, reply: Reply, stream: Stream, receive: Receive) -> Dict[str, Any]:
-    text, last = "", None
-    async for last in served.events(stream, receive, reply.id):
-        text += last.text
-    log_usage(reply.id, last)
-    return reply.completion(text, last.finish_reason, last.usage)
+    text, last = await served.whole(stream, receive, reply.id)
+    return JSONResponse(reply.completion(text, last.finish_reason, last.usage))
 
 
 async def chunks(

@@ -23,6 +23,8 @@ SAMPLING_FIELDS = (
     "frequency_penalty",
     "logit_bias",
 )
+# OpenAI's bookkeeping fields, which do not change the answer: accepted, and left aside.
+BOOKKEEPING_FIELDS = ("user", "metadata", "store", "service_tier", "prompt_cache_key", "safety_identifier")
 MAX_LOGIT_BIAS = 100.0  # OpenAI's range: -100 (never) to 100 (always)
 
 

@@ -187,15 +187,8 @@ async def messages(served: Served, body: Dict[str, Any], receive: Receive) -> Re
     if request.stream:
         pieces = events(served, reply, stream, receive)
         return event_stream(pieces, reply.id, lambda error: _event(error_body(error)))
-    return JSONResponse(await answer(served, reply, stream, receive))
-
-
-async def answer(served: Served, reply: Reply, stream: Stream, receive: Receive) -> Dict[str, Any]:
-    text, last = "", None
-    async for last in served.events(stream, receive, reply.id):
-        text += last.text
-    log_usage(reply.id, last)
-    return reply.message(text, last)
+    text, last = await served.whole(stream, receive, reply.id)
+    return JSONResponse(reply.message(text, last))
 
 
 async def events(served: Served, reply: Reply, stream: Stream, receive: Receive) -> AsyncIterator[str]:

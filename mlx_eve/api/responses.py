@@ -17,7 +17,7 @@ from ..errors import shorten
 from ..request import SamplingParams
 from .chat_completions import PartTypes, content_text
 from .errors import APIError
-from .fields import SAMPLING_FIELDS, format_grammar, option, refuse_unknown, sampling_params
+from .fields import BOOKKEEPING_FIELDS, SAMPLING_FIELDS, format_grammar, option, refuse_unknown, sampling_params
 from .serving import Receive, Served, event_stream, log_usage, server_sent
 
 # Fields a request may carry beside the sampling ones (``fields.SAMPLING_FIELDS``); any other is refused.
@@ -29,13 +29,6 @@ RESPONSES_FIELDS = (
     "text",
     "stream",
     "truncation",
-    # Bookkeeping of OpenAI's that does not change the answer.
-    "user",
-    "metadata",
-    "store",
-    "service_tier",
-    "prompt_cache_key",
-    "safety_identifier",
 )
 # What this API calls the fields the engine's errors name as chat completions does.
 NAMES = {"messages": "input", "response_format": "text.format"}
@@ -57,7 +50,7 @@ class ResponsesRequest:
 def parse_responses_request(body: Dict[str, Any], vocab_size: int) -> ResponsesRequest:
     """Check a request body (``APIError`` 400 naming the faulty field, or a field the server does not know).
     ``vocab_size``: the model's, for ``logit_bias``."""
-    refuse_unknown(body, RESPONSES_FIELDS + SAMPLING_FIELDS)
+    refuse_unknown(body, RESPONSES_FIELDS + SAMPLING_FIELDS + BOOKKEEPING_FIELDS)
     image_urls: List[str] = []
     messages = _input_messages(body.get("input"), image_urls)
     instructions = option(body, "instructions", str, "a string (the system prompt)")
@@ -205,15 +198,8 @@ async def responses(served: Served, body: Dict[str, Any], receive: Receive) -> R
     reply = Reply(served.settings.model_id, request.echoed)
     if request.stream:
         return event_stream(events(served, reply, stream, receive), reply.id, reply.error)
-    return JSONResponse(await answer(served, reply, stream, receive))
-
-
-async def answer(served: Served, reply: Reply, stream: Stream, receive: Receive) -> Dict[str, Any]:
-    text, last = "", None
-    async for last in served.events(stream, receive, reply.id):
-        text += last.text
-    log_usage(reply.id, last)
-    return reply.response(text, last)
+    text, last = await served.whole(stream, receive, reply.id)
+    return JSONResponse(reply.response(text, last))
 
 
 async def events(served: Served, reply: Reply, stream: Stream, receive: Receive) -> AsyncIterator[str]:

@@ -79,6 +79,14 @@ class Served:
     def events(self, stream: Stream, receive: Receive, name: str) -> AsyncIterator[Event]:
         return follow(stream, receive, self.stopping, name, self.metrics)
 
+    async def whole(self, stream: Stream, receive: Receive, name: str) -> Tuple[str, Event]:
+        """A whole answer's text and its last event (which has the usage, logged)."""
+        text, last = "", None
+        async for last in self.events(stream, receive, name):
+            text += last.text
+        log_usage(name, last)
+        return text, last
+
 
 async def follow(
     stream: Stream, receive: Receive, stopping: asyncio.Event, name: str, metrics: Metrics
