@@ -66,3 +66,28 @@ def images(tmp_path_factory):
         paths[name] = root / f"{name}.png"
         image.save(paths[name])
     return paths
+
+
+@pytest.fixture(scope="module")
+def server(v2_path, tmp_path_factory, request):
+    """``python -m mlx_eve.server`` on the tiny EVEv2 for one test module, with the module's ``SERVER_OPTIONS``."""
+    from processes import start_server, stop_server
+
+    options = getattr(request.module, "SERVER_OPTIONS", ())
+    server = start_server(v2_path, tmp_path_factory.mktemp("server") / "server.log", *options)
+    yield server
+    stop_server(server)
+
+
+@pytest.fixture(scope="module")
+def client(server, request):
+    """An ``openai`` client of ``server``, with the module's ``KEY`` if it has one."""
+    openai = pytest.importorskip("openai")
+    key = getattr(request.module, "KEY", "unused")
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key=key, max_retries=0, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def model_id(v2_path):
+    """The name the server gives the tiny EVEv2: its folder's."""
+    return v2_path.name

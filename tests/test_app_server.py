@@ -1,7 +1,6 @@
 """The chat app as a server process, ``python app.py``: its API endpoint driven by the real ``gradio_client``,
 what it says it loaded, its one-line errors at start-up, and Ctrl-C while it is answering."""
 
-import json
 import os
 import signal
 import socket
@@ -14,17 +13,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-import mlx.core as mx
 import pytest
 import tiny_checkpoints
 from bundled_image import IMAGE, README_ANSWER, README_QUESTION
-from mlx.utils import tree_flatten
 from processes import restore_ctrl_c
+from zero_adapters import write_zero_adapters
 
 from mlx_eve import generate, load, stream_generate
-from mlx_eve.adapters import make_trainable
 from mlx_eve.demo import BUNDLED_MODEL
-from mlx_eve.families import TEXT_LINEARS
 
 pytest.importorskip("gradio", reason="the app needs gradio: pip install 'mlx-eve[app]'")
 gradio_client = pytest.importorskip("gradio_client")
@@ -119,19 +115,7 @@ def client(app: App) -> "gradio_client.Client":
 
 @pytest.fixture(scope="module")
 def adapters(tmp_path_factory) -> Path:
-    """LoRA adapters for the demo model as training first makes them (B = 0): they change no answer."""
-    model, _ = load(str(BUNDLED_MODEL))
-    config = {
-        "fine_tune_type": "lora",
-        "num_layers": 2,
-        "lora_parameters": {"rank": 2, "scale": 1.0, "dropout": 0.0, "keys": list(TEXT_LINEARS)},
-    }
-    make_trainable(model, config)
-    folder = tmp_path_factory.mktemp("adapters") / "zero-lora"
-    folder.mkdir()
-    (folder / "adapter_config.json").write_text(json.dumps(config))
-    mx.save_safetensors(str(folder / "adapters.safetensors"), dict(tree_flatten(model.trainable_parameters())))
-    return folder
+    return write_zero_adapters(BUNDLED_MODEL, tmp_path_factory.mktemp("adapters") / "zero-lora")
 
 
 @pytest.fixture(scope="module")

@@ -9,13 +9,11 @@ from typing import Callable
 import mlx.core as mx
 import numpy as np
 import pytest
-from mlx.utils import tree_flatten
+from zero_adapters import write_zero_adapters
 
 from mlx_eve import load
-from mlx_eve.adapters import make_trainable
 from mlx_eve.commands.generate import main as generate_main
 from mlx_eve.errors import CheckpointError
-from mlx_eve.families import TEXT_LINEARS
 
 
 def edit_json(name: str, change: Callable[[object], object]) -> Callable[[Path], None]:
@@ -134,19 +132,7 @@ def test_weights_with_nan_or_inf_load_with_a_warning_naming_them(v2_path, tmp_pa
 
 @pytest.fixture
 def adapters(v2_path, tmp_path):
-    """LoRA adapters for the tiny EVEv2 model, saved as training saves them."""
-    model, _ = load(str(v2_path))
-    config = {
-        "fine_tune_type": "lora",
-        "num_layers": 2,
-        "lora_parameters": {"rank": 2, "scale": 1.0, "dropout": 0.0, "keys": list(TEXT_LINEARS)},
-    }
-    make_trainable(model, config)
-    folder = tmp_path / "adapters"
-    folder.mkdir()
-    (folder / "adapter_config.json").write_text(json.dumps(config))
-    mx.save_safetensors(str(folder / "adapters.safetensors"), dict(tree_flatten(model.trainable_parameters())))
-    return folder
+    return write_zero_adapters(v2_path, tmp_path / "adapters")
 
 
 def _truncate(file: Path) -> None:

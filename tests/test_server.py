@@ -27,32 +27,16 @@ MAX_IMAGE_BYTES = 200_000
 IMAGE_TIMEOUT_S = 1
 
 
-@pytest.fixture(scope="module")
-def server(v2_path, tmp_path_factory):
-    server = start_server(
-        v2_path,
-        tmp_path_factory.mktemp("server") / "server.log",
-        "--api-key",
-        KEY,
-        "--max-body-bytes",
-        str(MAX_BODY_BYTES),
-        "--max-image-bytes",
-        str(MAX_IMAGE_BYTES),
-        "--image-timeout",
-        str(IMAGE_TIMEOUT_S),
-    )
-    yield server
-    stop_server(server)
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    return openai.OpenAI(base_url=f"{server.url}/v1", api_key=KEY, max_retries=0, timeout=60)
-
-
-@pytest.fixture(scope="module")
-def model_id(v2_path):
-    return v2_path.name
+SERVER_OPTIONS = (
+    "--api-key",
+    KEY,
+    "--max-body-bytes",
+    str(MAX_BODY_BYTES),
+    "--max-image-bytes",
+    str(MAX_IMAGE_BYTES),
+    "--image-timeout",
+    str(IMAGE_TIMEOUT_S),
+)
 
 
 def data_uri(path: Path) -> str:

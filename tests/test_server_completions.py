@@ -2,7 +2,6 @@
 continued as it is (no conversation template), whole or streamed, and the request's checks."""
 
 import pytest
-from processes import start_server, stop_server
 
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
@@ -11,23 +10,7 @@ pytest.importorskip("uvicorn")
 
 KEY = "test-key"
 PROMPT = "The blue square is"
-
-
-@pytest.fixture(scope="module")
-def server(v2_path, tmp_path_factory):
-    server = start_server(v2_path, tmp_path_factory.mktemp("server") / "server.log", "--api-key", KEY)
-    yield server
-    stop_server(server)
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    return openai.OpenAI(base_url=f"{server.url}/v1", api_key=KEY, max_retries=0, timeout=60)
-
-
-@pytest.fixture(scope="module")
-def model_id(v2_path):
-    return v2_path.name
+SERVER_OPTIONS = ("--api-key", KEY)
 
 
 @pytest.mark.parametrize("prompt", [PROMPT, [PROMPT]], ids=["string", "list"])

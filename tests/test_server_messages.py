@@ -34,11 +34,6 @@ def client(server):
     return anthropic.Anthropic(base_url=server.url, api_key=KEY, max_retries=0, timeout=60)
 
 
-@pytest.fixture(scope="module")
-def model_id(v2_path):
-    return v2_path.name
-
-
 def ask(client, model_id, content=QUESTION, **options):
     return client.messages.create(
         model=model_id, messages=[{"role": "user", "content": content}], **{"max_tokens": 8, **options}

@@ -8,14 +8,11 @@ import json
 import time
 from pathlib import Path
 
-import mlx.core as mx
 import pytest
-from mlx.utils import tree_flatten
 from processes import http_request, start_server, stop_server, wait_for_log
+from zero_adapters import write_zero_adapters
 
 from mlx_eve import load
-from mlx_eve.adapters import make_trainable
-from mlx_eve.families import TEXT_LINEARS
 
 openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")
@@ -27,19 +24,7 @@ CHAT = "/v1/chat/completions"
 
 @pytest.fixture(scope="module")
 def adapters(v2_path, tmp_path_factory) -> Path:
-    """LoRA adapters as training first makes them (B = 0): they change no answer."""
-    model, _ = load(str(v2_path))
-    config = {
-        "fine_tune_type": "lora",
-        "num_layers": 1,
-        "lora_parameters": {"rank": 2, "scale": 1.0, "dropout": 0.0, "keys": list(TEXT_LINEARS)},
-    }
-    make_trainable(model, config)
-    folder = tmp_path_factory.mktemp("adapters") / "zero-lora"
-    folder.mkdir()
-    (folder / "adapter_config.json").write_text(json.dumps(config))
-    mx.save_safetensors(str(folder / "adapters.safetensors"), dict(tree_flatten(model.trainable_parameters())))
-    return folder
+    return write_zero_adapters(v2_path, tmp_path_factory.mktemp("adapters") / "zero-lora", num_layers=1)
 
 
 @pytest.fixture(scope="module")
@@ -48,16 +33,6 @@ def server(v2_path, adapters, tmp_path_factory):
     server = start_server(v2_path, log, "--api-key", KEY, "--adapter-path", str(adapters))
     yield server
     stop_server(server)
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    return openai.OpenAI(base_url=f"{server.url}/v1", api_key=KEY, max_retries=0, timeout=60)
-
-
-@pytest.fixture(scope="module")
-def model_id(v2_path):
-    return v2_path.name
 
 
 def metrics_text(server, key=KEY):

@@ -8,7 +8,7 @@ import json
 from typing import Literal
 
 import pytest
-from processes import http_request, start_server, stop_server
+from processes import http_request
 
 from mlx_eve import generate
 
@@ -36,23 +36,6 @@ class Shape(pydantic.BaseModel):
     colour: Literal["red", "blue"]
     round: bool
     sides: int = pydantic.Field(ge=0, le=9)
-
-
-@pytest.fixture(scope="module")
-def server(v2_path, tmp_path_factory):
-    server = start_server(v2_path, tmp_path_factory.mktemp("server") / "server.log")
-    yield server
-    stop_server(server)
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=60)
-
-
-@pytest.fixture(scope="module")
-def model_id(v2_path):
-    return v2_path.name
 
 
 def data_uri(path) -> str:

@@ -9,7 +9,6 @@ from typing import Literal
 
 import jsonschema
 import pytest
-from processes import start_server, stop_server
 from test_server import data_uri
 
 openai = pytest.importorskip("openai")
@@ -33,27 +32,11 @@ SIDES = {
     "additionalProperties": False,
 }
 QUESTION = [{"role": "user", "content": "Describe the shapes."}]
+SERVER_OPTIONS = ("--max-batch-size", "4")
 
 
 def schema_format(schema, name="answer"):
     return {"type": "json_schema", "json_schema": {"name": name, "schema": schema, "strict": True}}
-
-
-@pytest.fixture(scope="module")
-def server(v2_path, tmp_path_factory):
-    server = start_server(v2_path, tmp_path_factory.mktemp("server") / "server.log", "--max-batch-size", "4")
-    yield server
-    stop_server(server)
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=60)
-
-
-@pytest.fixture(scope="module")
-def model_id(v2_path):
-    return v2_path.name
 
 
 def ask(client, model_id, **options):

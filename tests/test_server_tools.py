@@ -5,7 +5,7 @@ import json
 
 import jsonschema
 import pytest
-from processes import http_request, start_server, stop_server
+from processes import http_request
 
 from mlx_eve import generate
 from mlx_eve.api.chat_completions import parse_chat_request
@@ -37,23 +37,6 @@ TOOLS = [
 ]
 SCHEMAS = {"get_weather": WEATHER, "get_time": CLOCK}
 QUESTION = [{"role": "user", "content": "What will the weather be in Oslo?"}]
-
-
-@pytest.fixture(scope="module")
-def server(v2_path, tmp_path_factory):
-    server = start_server(v2_path, tmp_path_factory.mktemp("server") / "server.log")
-    yield server
-    stop_server(server)
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=60)
-
-
-@pytest.fixture(scope="module")
-def model_id(v2_path):
-    return v2_path.name
 
 
 def check_calls(calls, names=SCHEMAS):
