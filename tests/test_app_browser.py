@@ -109,6 +109,8 @@ def set_max_tokens(page, value: int) -> None:
     field = page.get_by_label("number input for Max tokens")
     field.fill(str(value))
     field.press("Enter")
+    # The slider follows the field once the page has taken the value; a question sent before would not have it.
+    sync_api.expect(page.get_by_label("range slider for Max tokens")).to_have_value(str(value), timeout=WAIT_MS)
 
 
 def ask(page, question: str, image=None) -> str:
