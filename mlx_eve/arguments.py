@@ -58,6 +58,8 @@ PROBABILITY = number(float, "a number in [0, 1]", lambda v: 0 <= v <= 1)
 COUNT = number(int, "an integer >= 1", lambda v: v >= 1)
 COUNT_OR_ALL = number(int, "an integer >= 1, or -1 for all", lambda v: v >= 1 or v == -1)
 NON_NEGATIVE_INT = number(int, "an integer >= 0", lambda v: v >= 0)
+MAX_SEED = 2**64 - 1  # mx.random.seed takes an unsigned 64-bit integer
+SEED = number(int, f"an integer from 0 to {MAX_SEED}", lambda v: 0 <= v <= MAX_SEED)
 PORT = number(int, "a port number (1-65535)", lambda v: 1 <= v <= 65535)
 FILE = existing("file", Path.is_file)
 FOLDER = existing("folder", Path.is_dir)

@@ -9,6 +9,11 @@ conversation reuses the cache instead of reading the image again.
 
 All MLX work happens on the engine's own thread; ``submit`` may be called from any thread.
 
+One request cannot harm another: its settings are checked on submit (``SamplingParams.check``), a failure of its
+own part of a decode step (its sampler, its logits processors, the delivery of its token) fails it alone, and a
+cancelled request leaves at the next round whatever stage it is at. Should the engine thread stop on an error
+anyway, every waiting and later request fails at once with ``EngineStoppedError`` (``failure`` says why).
+
 Under tensor parallelism (``mlx.launch``, the model sharded over a group) every rank must make the same model
 calls, since every layer sums over the group. Only rank 0 takes requests: each round it decides a ``Plan`` (the
 requests that join the batch, those cancelled, or the end) and sends it to the others (``broadcast.py``), which
@@ -17,11 +22,12 @@ to hand them to.
 """
 
 import hashlib
+import logging
 import queue
 import threading
 import time
 from dataclasses import dataclass, field, replace
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import mlx.core as mx
 import numpy as np
@@ -37,9 +43,19 @@ from .processor import ModelInputs, Processor, Prompt
 from .request import Request, SamplingParams
 from .structured import GrammarError, check_grammar
 
+logger = logging.getLogger(__name__)
+
 
 class QueueFullError(EVEError, RuntimeError):
     """The engine already holds as many requests as it was allowed to queue."""
+
+
+class EngineStoppedError(EVEError, RuntimeError):
+    """The engine no longer takes requests: it was closed, or its thread stopped on an error."""
+
+
+class RequestFailedError(EVEError, RuntimeError):
+    """The engine could not finish this request: computing its next token failed (its log has the details)."""
 
 
 @dataclass
@@ -127,12 +143,14 @@ class Engine:
         self.group = group if group is not None and group.size() > 1 else None
         self.leader = self.group is None or self.group.rank() == 0
         self._inbox: "queue.Queue[Optional[Request]]" = queue.Queue()
-        self._cancelled: "queue.Queue[Request]" = queue.Queue()
         self._lock = threading.Lock()
         self._waiting = 0  # submitted, not yet in the batch
         self._running = 0  # in the batch, as the engine thread counted them after its last round
-        self._closed = False
+        self._closed = False  # by ``close``
+        self._stopped = False  # the engine thread has ended (after ``close``, or on an error)
         self._failure: Optional[BaseException] = None
+        self._stream: Optional[mx.Stream] = None
+        self._generator: Optional[BatchGenerator] = None
         self._thread = threading.Thread(target=self._run, name="mlx-eve-engine", daemon=True)
         self._thread.start()
 
@@ -145,13 +163,13 @@ class Engine:
         system_prompt: Optional[str] = None,
         max_size: Optional[int] = None,
     ) -> Stream:
-        """Queue a request. The prompt and images are checked here, in the caller's thread: ``PromptError``,
-        ``ImageError`` or ``PromptTooLongError`` for a bad request, ``QueueFullError`` when the queue is full."""
+        """Queue a request. The prompt, images and settings are checked here, in the caller's thread: ``PromptError``,
+        ``ImageError``, ``PromptTooLongError`` or ``SamplingError`` for a bad request, ``QueueFullError`` when the
+        queue is full, ``EngineStoppedError`` once the engine has stopped."""
         if not self.leader:
             raise EVEError("Only rank 0 of the group takes requests.")
         params = params or SamplingParams()
-        if params.max_tokens < 1:
-            raise ValueError(f"max_tokens must be at least 1, not {params.max_tokens}.")
+        params.check(self.model.num_logits)
         if params.grammar is not None:
             if params.stop:
                 raise GrammarError("Stop strings cannot be combined with a grammar: they would cut the answer short.")
@@ -160,13 +178,13 @@ class Engine:
         room = self.processor.context_length - inputs.input_ids.size  # at least 1: the processor checked
         params = replace(params, max_tokens=min(params.max_tokens, room))
         request = Request(inputs, params, _cache_key(inputs))
-        with self._lock:
-            if self._closed:
-                raise EVEError("The engine is shut down.")
+        with self._lock:  # the engine thread drains the inbox once it has stopped, under this lock
+            if self._closed or self._stopped:
+                raise EngineStoppedError(self._stopped_reason())
             if self._waiting >= self.max_queued:
                 raise QueueFullError(f"{self._waiting} requests are already waiting; try again later.")
             self._waiting += 1
-        self._inbox.put(request)
+            self._inbox.put(request)
         return Stream(self, request)
 
     def close(self) -> None:
@@ -184,6 +202,16 @@ class Engine:
             raise EVEError(f"The engine stopped on an error: {self._failure!r}") from self._failure
 
     @property
+    def failure(self) -> Optional[BaseException]:
+        """What stopped the engine thread, if an error did (then no request is answered any more)."""
+        return self._failure
+
+    def _stopped_reason(self) -> str:
+        if self._failure is None:
+            return "The engine is shut down."
+        return f"The engine stopped on an error and answers no more requests: {self._failure!r}"
+
+    @property
     def waiting(self) -> int:
         """Requests submitted and not yet in the batch."""
         return self._waiting
@@ -194,47 +222,52 @@ class Engine:
         return self._running
 
     def _cancel(self, request: Request) -> None:
-        request.cancelled = True
+        request.cancelled = True  # the next round's plan drops it, wherever it is by then
         request.events.put(_CANCELLED)
-        self._cancelled.put(request)
 
     # Everything below runs on the engine thread.
 
     def _run(self) -> None:
-        stream = mx.new_stream(mx.default_device())
-        tokenizer = self.processor.tokenizer
-        generator = BatchGenerator(
-            self.model,
-            stop_tokens=[[t] for t in tokenizer.eos_token_ids],
-            completion_batch_size=self.max_batch_size,
-            prefill_batch_size=1,
-            prefill_step_size=self.prefill_step_size,
-            stream=stream,
-        )
+        self._stream = mx.new_stream(mx.default_device())
+        self._generator = self._new_generator()
         running: Dict[int, Request] = {}
         try:
-            with mx.stream(stream):
+            with mx.stream(self._stream):
                 if self.group is not None:
                     # Sampling draws the same numbers on every rank from rank 0's seed (a request's is in its plan);
                     # MLX's random state is per thread: this one's, which samples.
                     seed = mx.random.randint(0, 2**31 - 1, ()) if self.leader else mx.array(0)
                     mx.random.seed(mx.distributed.all_sum(seed, group=self.group, stream=mx.cpu).item())
-                while self._serve(generator, running):
+                while self._serve(running):
                     self._running = len(running)
         except BaseException as error:
             self._failure = error
-            raise
+            logger.critical("The engine stopped on an error: %r", error, exc_info=error)
         finally:
+            with self._lock:
+                self._stopped = True
             unfinished = list(running.values())
             while not self._inbox.empty():
                 unfinished.append(self._inbox.get())
+            stopped = EngineStoppedError(self._stopped_reason())
             for request in unfinished:
                 if request is not None:
-                    request.events.put(EVEError("The engine was shut down before the answer was complete."))
-            generator.close()
+                    request.events.put(stopped)
+            self._running = 0
+            self._generator.close()
             mx.clear_streams()
 
-    def _serve(self, generator: BatchGenerator, running: Dict[int, Request]) -> bool:
+    def _new_generator(self) -> BatchGenerator:
+        return BatchGenerator(
+            self.model,
+            stop_tokens=[[t] for t in self.processor.tokenizer.eos_token_ids],
+            completion_batch_size=self.max_batch_size,
+            prefill_batch_size=1,
+            prefill_step_size=self.prefill_step_size,
+            stream=self._stream,
+        )
+
+    def _serve(self, running: Dict[int, Request]) -> bool:
         """One round, the same on every rank: the plan (rank 0 decides it, and sends it to the others), its
         requests join the batch and its cancelled ones leave, then one decode step. False once closed."""
         plan = self._decide(running) if self.leader else None
@@ -243,25 +276,51 @@ class Engine:
         if plan.close:
             return False
         for request in plan.admitted:
-            self._admit(request, generator, running)
+            self._admit(request, running)
         for uid in plan.cancelled:
             if running.pop(uid, None) is not None:
-                generator.remove([uid])
+                self._generator.remove([uid])
         if running:
-            try:
-                responses = generator.next_generated()
-            except Exception as error:  # a failed step fails every request in it, not the engine
-                for request in running.values():
-                    request.events.put(error)
-                generator.remove(list(running))
-                running.clear()
-                return True
-            for response in responses:
-                if response.uid in running:
-                    self._deliver(response, generator, running)
+            self._step(running)
         elif not self.leader:
             time.sleep(_IDLE_ROUND_S)  # rank 0 waits as long for a request before it sends the next plan
         return True
+
+    def _step(self, running: Dict[int, Request]) -> None:
+        """One decode step of the batch. A request whose own part of it (its sampler, its logits processors, the
+        delivery of its token) fails, fails alone; the others go on, their tokens unchanged. A step that fails as a
+        whole (the model's forward pass, which all rows share) fails the requests in it, not the engine."""
+        random_state = mx.random.state[0]
+        try:
+            responses = self._generator.next_generated()
+        except Exception as error:
+            _restore_random_state(random_state)  # see ``_guarded``
+            logger.error("A decode step failed for %d requests", len(running), exc_info=error)
+            for request in list(running.values()):
+                request.events.put(RequestFailedError(f"Generating the answer failed: {error}"))
+            running.clear()
+            self._generator.close()
+            self._generator = self._new_generator()  # the old one's caches may hold the failed computation
+            return
+        failed = [r for r in running.values() if r.failure is not None]  # in their sampler or processors
+        for response in responses:
+            request = running.get(response.uid)
+            if request is None or request.failure is not None:
+                continue
+            try:
+                self._deliver(response, running)
+            except Exception as error:
+                request.failure = error
+                failed.append(request)
+        for request in failed:
+            self._fail(request, running)
+
+    def _fail(self, request: Request, running: Dict[int, Request]) -> None:
+        """End a running request on its own ``failure``; the batch goes on without it."""
+        logger.error("Request %d failed", request.uid, exc_info=request.failure)
+        running.pop(request.uid, None)
+        self._generator.remove([request.uid])
+        request.events.put(RequestFailedError(f"Generating the answer failed: {request.failure}"))
 
     def _decide(self, running: Dict[int, Request]) -> Plan:
         """Rank 0's plan: waiting requests join while there is room (waiting for one when none runs), and the
@@ -283,35 +342,35 @@ class Engine:
                 self._waiting -= 1
             if not request.cancelled:
                 admitted.append(request)
-        cancelled = []
-        while not self._cancelled.empty():
-            request = self._cancelled.get()
-            if request.uid is not None:
-                cancelled.append(request.uid)
-        # A request cancelled from now on has its uid by the next round; one cancelled until now never starts.
+        cancelled = [uid for uid, request in running.items() if request.cancelled]
+        # A request cancelled from now on is in ``running`` by the next round; one cancelled until now never starts.
         return Plan([r for r in admitted if not r.cancelled], cancelled)
 
-    def _admit(self, request: Request, generator: BatchGenerator, running: Dict[int, Request]) -> None:
+    def _admit(self, request: Request, running: Dict[int, Request]) -> None:
         params = request.params
         try:
-            processors = params.logits_processors(self.processor.tokenizer)
+            processors = [_guarded(p, request, _unchanged) for p in params.logits_processors(self.processor.tokenizer)]
+            sampler = _guarded(params.sampler(), request, _greedy)
             cache, prefill = self._prefill(request)
+            if params.seed is not None:
+                mx.random.seed(params.seed)
+            (request.uid,) = self._generator.insert(
+                [[request.inputs.input_ids[-1].item()]],
+                max_tokens=[params.max_tokens],
+                caches=[cache],
+                # Penalties see the prompt's text: these ids, then the last prompt token, which the generator feeds.
+                all_tokens=[prefill.text_ids[:-1]],
+                samplers=[sampler],
+                logits_processors=[processors],
+            )
         except Exception as error:
             # Every rank fails alike: the request was checked on submit, so what is left to fail is the same
             # computation on the same inputs. Only a failure of one rank alone (out of memory) breaks the step.
-            request.events.put(error)
+            logger.error("A request failed before its first token", exc_info=error)
+            request.events.put(
+                error if isinstance(error, EVEError) else RequestFailedError(f"Reading the prompt failed: {error}")
+            )
             return
-        if params.seed is not None:
-            mx.random.seed(params.seed)
-        (request.uid,) = generator.insert(
-            [[request.inputs.input_ids[-1].item()]],
-            max_tokens=[params.max_tokens],
-            caches=[cache],
-            # Penalties see the prompt's text: these ids, then the last prompt token, which the generator feeds.
-            all_tokens=[prefill.text_ids[:-1]],
-            samplers=[params.sampler()],
-            logits_processors=[processors],
-        )
         request.detokenizer = self.processor.tokenizer.detokenizer
         request.started = time.perf_counter()
         running[request.uid] = request
@@ -336,7 +395,7 @@ class Engine:
         request.prompt_seconds = time.perf_counter() - tic
         return cache, prefill
 
-    def _deliver(self, response, generator: BatchGenerator, running: Dict[int, Request]) -> None:
+    def _deliver(self, response, running: Dict[int, Request]) -> None:
         """Hand one generated token to its request: text (held back while it may begin a stop string),
         log-probabilities, and at the end the usage; the finished request's cache goes to the prompt cache."""
         request = running[response.uid]
@@ -353,7 +412,7 @@ class Engine:
         if stop is not None:
             request.text, finish = request.text[:stop_at], "stop"
             if response.finish_reason is None:
-                cache = generator.remove([response.uid], return_prompt_caches=True)[response.uid][0]
+                cache = self._generator.remove([response.uid], return_prompt_caches=True)[response.uid][0]
         hold = 0 if finish is not None else _stop_prefix(request.text, params.stop)
         event = Event(request.text[request.sent : len(request.text) - hold], response.token)
         request.sent = len(request.text) - hold
@@ -376,6 +435,39 @@ class Engine:
             prompt_seconds=request.prompt_seconds,
             generation_seconds=time.perf_counter() - request.started,
         )
+
+
+def _guarded(function: Callable, request: Request, stand_in: Callable[[mx.array], mx.array]) -> Callable:
+    """A request's sampler or logits processor as the decode step calls it, while it builds the step's graph for
+    every row: should it raise, the request keeps the error (to fail on after the step) and ``stand_in`` of the
+    row's scores takes its place, so that the step goes on for the other rows."""
+
+    def call(*args):
+        random_state = mx.random.state[0]
+        try:
+            return function(*args)
+        except Exception as error:
+            # mlx-lm's samplers are compiled with the random state as an input: one that raises while it is traced
+            # leaves a placeholder in the state's place, and every later draw would fail.
+            _restore_random_state(random_state)
+            request.failure = request.failure or error
+            return stand_in(args[-1])
+
+    return call
+
+
+def _restore_random_state(key: mx.array) -> None:
+    """MLX's random state back to ``key``: seeding with its two 32-bit words makes that very key."""
+    high, low = key.tolist()
+    mx.random.seed((high << 32) | low)
+
+
+def _unchanged(logits: mx.array) -> mx.array:
+    return logits
+
+
+def _greedy(logprobs: mx.array) -> mx.array:
+    return mx.argmax(logprobs, axis=-1)
 
 
 def _cache_key(inputs: ModelInputs) -> List[Any]:

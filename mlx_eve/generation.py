@@ -103,6 +103,7 @@ def generate_from_inputs(
         logit_bias=tuple((logit_bias or {}).items()),
         grammar=requested_grammar(response_format, json_schema),
     )
+    params.check(model.num_logits)
     kwargs.setdefault("sampler", params.sampler())
     processors = list(kwargs.pop("logits_processors", None) or []) + params.logits_processors(processor.tokenizer)
     prefill = Prefill(inputs, reused)

@@ -128,6 +128,10 @@ class Processor:
         images = [load_image(image) for image in images]
         image_processor = self.image_processor.with_max_size(max_size)
         text = self.format(prompt, len(images), system_prompt)
+        try:
+            text.encode()
+        except UnicodeEncodeError as e:
+            raise PromptError(f"The prompt has a lone surrogate ({text[e.start]!r}), which is not Unicode text.") from e
         counts = [image_processor.num_tokens(*image.size) for image in images]
         ids = tokenize_with_images(text, self.encode, self.tokenizer.bos_token_id, counts)
         if len(ids) >= self.context_length:

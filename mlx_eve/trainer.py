@@ -395,7 +395,7 @@ def train(
                 model.train()
                 say(f"Iter {step}: Val loss {val_loss:.3f}, Val took {time.perf_counter() - tic:.3f}s")
             tic = time.perf_counter()
-            mx.random.seed(args.seed * 1_000_003 + step)  # MLX's random state can't be restored: derive it
+            mx.random.seed((args.seed * 1_000_003 + step) % 2**64)  # MLX's random state can't be restored: derive it
             batch = make_batch([train_set[i] for i in shard(order(step - 1), group)], image_processor)
             loss_value, tokens = steps(batch, step)
             if not math.isfinite(loss_value):

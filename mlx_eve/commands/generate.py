@@ -10,6 +10,7 @@ from ..arguments import (
     NON_NEGATIVE_INT,
     POSITIVE,
     PROBABILITY,
+    SEED,
     ArgumentParser,
     add_model_options,
     json_schema_file,
@@ -45,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--min-p", type=PROBABILITY, default=0.0, help="Minimum probability relative to the top token.")
     add("--repetition-penalty", type=POSITIVE, default=None, help="Penalty for repeated tokens (>1).")
     add("--repetition-context-size", type=COUNT, default=20, help="Tokens the penalty looks back at.")
-    add("--seed", type=NON_NEGATIVE_INT, default=None, help="Random seed for sampling.")
+    add("--seed", type=SEED, default=None, help="Random seed for sampling.")
     add("--max-kv-size", type=COUNT, default=None, help="Keep at most this many tokens in the KV cache.")
     add(
         "--kv-bits", type=int, choices=[2, 3, 4, 5, 6, 8], default=None, help="Quantize the KV cache to this many bits."

@@ -26,6 +26,7 @@ from ..arguments import (
     NON_NEGATIVE_INT,
     NUMBER,
     POSITIVE,
+    SEED,
     ArgumentParser,
     number,
 )
@@ -138,7 +139,7 @@ def _checkpoints_and_reports(add: Callable) -> None:
     add("--steps-per-eval", type=COUNT, default=200, help="Validation loss every N steps (default %(default)s).")
     add("--val-batches", type=COUNT_OR_ALL, default=25, help="Validation batches (-1: all; default %(default)s).")
     add("--test-batches", type=COUNT_OR_ALL, default=500, help="Test batches (-1: all; default %(default)s).")
-    add("--seed", type=NON_NEGATIVE_INT, default=0, help="Random seed (default %(default)s).")
+    add("--seed", type=SEED, default=0, help="Random seed (default %(default)s).")
     add("-c", "--config", type=FILE, help="YAML file of any of these options, as learning_rate: 1e-4.")
 
 

@@ -138,6 +138,11 @@ class EVEModel(nn.Module):
         self.vocab_limit: Optional[int] = None
 
     @property
+    def num_logits(self) -> int:
+        """How many token ids the model answers with: the width of its logits."""
+        return min(self.vocab_limit or self.args.vocab_size, self.args.vocab_size)
+
+    @property
     def family(self) -> Family:
         """This model's record in the family table: its name, processor, template, LoRA targets, ..."""
         return family_of(self.model_type)
