@@ -21,6 +21,7 @@ from ..processor import Processor
 from ..quantization import config_block, of_model
 from . import chat_completions, completions, messages, responses
 from .errors import INTERNAL_ERROR, APIError, ClientGone, api_error
+from .fields import check_body
 from .metrics import Metrics, RequestCounter
 from .serving import Receive, Served, ServerSettings
 
@@ -59,8 +60,10 @@ def create_app(engine: Engine, processor: Processor, settings: ServerSettings) -
         return model_card(served, app.routes)
 
     @app.get("/health")
-    async def health() -> Dict[str, str]:
-        return {"status": "ok"}
+    async def health() -> JSONResponse:
+        if engine.failure is not None:  # the server is about to exit (``lifecycle.stop_with``)
+            return JSONResponse({"status": "error", "error": f"The engine stopped: {engine.failure!r}"}, 503)
+        return JSONResponse({"status": "ok"})
 
     @app.get("/metrics", dependencies=authorized)  # open, as /health, unless the server has a key
     async def metrics() -> Response:
@@ -149,8 +152,11 @@ async def read_json(request: Request, settings: ServerSettings) -> Dict[str, Any
         data = json.loads(body)
     except ValueError as e:
         raise APIError(400, f"The request body is not valid JSON: {e}") from e
+    except RecursionError as e:
+        raise APIError(400, "The request body nests deeper than this server reads.") from e
     if not isinstance(data, dict):
         raise APIError(400, "The request body must be a JSON object.")
+    check_body(data)
     return data
 
 

@@ -2,8 +2,9 @@
 
 from typing import Any, Dict, Mapping, Optional
 
-from ..engine import QueueFullError
+from ..engine import EngineStoppedError, QueueFullError, RequestFailedError
 from ..errors import EVEError, ImageError, PromptTooLongError
+from ..request import SamplingError
 from ..structured import GrammarError
 
 
@@ -40,6 +41,12 @@ def _api_error(error: EVEError) -> APIError:
         return APIError(400, str(error), "messages", "context_length_exceeded")
     if isinstance(error, GrammarError):
         return APIError(400, str(error), "response_format", "invalid_response_format")
+    if isinstance(error, SamplingError):
+        return APIError(400, str(error), error.field)
+    if isinstance(error, RequestFailedError):
+        return APIError(500, str(error), kind="server_error")
+    if isinstance(error, EngineStoppedError):
+        return APIError(503, str(error), code="engine_stopped", kind="server_error")
     if isinstance(error, ImageError):
         return APIError(400, str(error), "messages", "invalid_image")
     if isinstance(error, ValueError):

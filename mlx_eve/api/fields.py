@@ -2,11 +2,11 @@
 sampling settings they all share, and the refusal of fields the server does not know."""
 
 import json
-import math
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
+import re
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from ..errors import shorten
-from ..request import SamplingParams
+from ..request import SamplingParams, number_limits, of_kind
 from ..structured import GrammarError, response_format_grammar
 from .errors import APIError
 
@@ -25,7 +25,29 @@ SAMPLING_FIELDS = (
 )
 # OpenAI's bookkeeping fields, which do not change the answer: accepted, and left aside.
 BOOKKEEPING_FIELDS = ("user", "metadata", "store", "service_tier", "prompt_cache_key", "safety_identifier")
+# A UTF-16 half that JSON's "\\ud800" escapes can spell, but that is no character: it cannot be tokenized.
+_SURROGATE = re.compile("[\ud800-\udfff]")
 MAX_LOGIT_BIAS = 100.0  # OpenAI's range: -100 (never) to 100 (always)
+# How deep a request body may nest (a JSON Schema deeper than this is not one a client means).
+MAX_DEPTH = 64
+
+
+def check_body(body: Dict[str, Any]) -> None:
+    """A 400 for a JSON ``body`` that nests deeper than ``MAX_DEPTH``, or that has a string (a key or a value)
+    with a lone surrogate, naming where."""
+    todo: List[Tuple[str, int, Any]] = [("", 0, body)]
+    while todo:  # not recursive: JSON can nest deeper than Python's stack
+        where, depth, value = todo.pop()
+        if isinstance(value, str) and _SURROGATE.search(value):
+            message = f"Invalid '{where or 'body'}': the text has a lone surrogate, which is not Unicode."
+            raise APIError(400, message, where or None)
+        if depth > MAX_DEPTH:
+            raise APIError(400, f"Invalid '{where}': the request nests deeper than {MAX_DEPTH} levels.", where)
+        if isinstance(value, dict):
+            todo += [(where, depth, key) for key in value]
+            todo += [(f"{where}.{key}" if where else key, depth + 1, item) for key, item in value.items()]
+        elif isinstance(value, list):
+            todo += [(f"{where}[{i}]", depth + 1, item) for i, item in enumerate(value)]
 
 
 def option(
@@ -37,16 +59,12 @@ def option(
     default: Any = None,
     where: str = "",
 ) -> Any:
-    """``body[name]`` if it is a ``kind`` (an int is a float, a bool is no number) that passes ``ok``;
+    """``body[name]`` if it is a ``kind`` (``of_kind``: a float is finite, a bool is no number) that passes ``ok``;
     ``default`` when it is missing or null. ``where``: the path of ``body`` in the request, for the message."""
     value = body.get(name)
     if value is None:
         return default
-    if kind is float:
-        valid = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    else:
-        valid = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
-    if not valid or not ok(value):
+    if not (of_kind(value, kind) and ok(value)):
         raise APIError(
             400, f"Invalid '{where}{name}': expected {wanted}, got {shorten(json.dumps(value))}.", where + name
         )
@@ -85,27 +103,25 @@ def sampling_params(
     top_logprobs: Optional[int] = None,
 ) -> SamplingParams:
     """The ``SAMPLING_FIELDS`` of ``body``, checked, with what the caller read from its own API's fields."""
-    defaults = SamplingParams()
+    defaults, limits = SamplingParams(), number_limits(vocab_size)
 
-    def penalty(name: str) -> Optional[float]:
-        return option(body, name, float, "a number from -2 to 2", lambda v: -2 <= v <= 2)
+    def number(name: str) -> Any:
+        return option(body, name, *limits[name], default=getattr(defaults, name))
 
     return SamplingParams(
         max_tokens=defaults.max_tokens if max_tokens is None else max_tokens,
-        temperature=option(body, "temperature", float, "a number >= 0", lambda v: v >= 0, defaults.temperature),
-        top_p=option(body, "top_p", float, "a number in (0, 1]", lambda v: 0 < v <= 1, defaults.top_p),
-        top_k=option(body, "top_k", int, "an integer >= 0 (0: all)", lambda v: v >= 0, defaults.top_k),
-        min_p=option(body, "min_p", float, "a number in [0, 1]", lambda v: 0 <= v <= 1, defaults.min_p),
-        repetition_penalty=option(body, "repetition_penalty", float, "a number > 0", lambda v: v > 0),
-        repetition_context_size=option(
-            body, "repetition_context_size", int, "an integer >= 1", lambda v: v >= 1, defaults.repetition_context_size
-        ),
-        presence_penalty=penalty("presence_penalty"),
-        frequency_penalty=penalty("frequency_penalty"),
+        temperature=number("temperature"),
+        top_p=number("top_p"),
+        top_k=number("top_k"),
+        min_p=number("min_p"),
+        repetition_penalty=number("repetition_penalty"),
+        repetition_context_size=number("repetition_context_size"),
+        presence_penalty=number("presence_penalty"),
+        frequency_penalty=number("frequency_penalty"),
         logit_bias=_logit_bias(body, vocab_size),
         stop=tuple(stop),
         top_logprobs=top_logprobs,
-        seed=option(body, "seed", int, "an integer >= 0", lambda v: v >= 0),
+        seed=number("seed"),
         grammar=grammar,
     )
 
@@ -123,7 +139,7 @@ def _logit_bias(body: Dict[str, Any], vocab_size: int) -> tuple:
     biases = option(body, "logit_bias", dict, "an object of token ids to biases", default={})
     pairs = []
     for token in biases:
-        if not (token.isdigit() and int(token) < vocab_size):
+        if not (token.isascii() and token.isdigit() and len(token) <= 10 and int(token) < vocab_size):
             raise APIError(
                 400, f"Invalid 'logit_bias': {shorten(token)!r} is not a token id below {vocab_size}.", "logit_bias"
             )

@@ -9,6 +9,7 @@ import os
 import signal
 import socket
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Callable, Tuple
@@ -76,7 +77,20 @@ def serve_http(
     host = f"[{args.host}]" if ":" in args.host else args.host
     processes = f" on {group.size()} processes" if group.size() > 1 else ""
     print(f"Serving {settings.model_id}{processes} at http://{host}:{args.port}/v1 (Ctrl-C to quit)", flush=True)
-    StoppableServer(config, app.state.stop_answers).run(sockets=[sock])
+    server = StoppableServer(config, app.state.stop_answers)
+    threading.Thread(target=stop_with, args=(engine, server), name="mlx-eve-watch", daemon=True).start()
+    server.run(sockets=[sock])
+    if engine.failure is not None:
+        raise EVEError(f"The server stopped because its engine did: {engine.failure!r}")
+
+
+def stop_with(engine: Engine, server: "StoppableServer") -> None:
+    """Stop ``server`` should ``engine`` stop on an error: a server that can no longer answer exits (non-zero, so
+    that a supervisor restarts it) rather than hang."""
+    try:
+        engine.join()
+    except EVEError:
+        server.stop()
 
 
 def settings_of(args: argparse.Namespace) -> ServerSettings:
@@ -93,10 +107,10 @@ def settings_of(args: argparse.Namespace) -> ServerSettings:
 
 
 def log_to_terminal() -> None:
-    """The API's log lines (one per answer, cancellations, errors) on the terminal, as uvicorn prints its own."""
+    """The library's log lines (one per answer, cancellations, errors) on the terminal, as uvicorn prints its own."""
     handler = logging.StreamHandler()
     handler.setFormatter(DefaultFormatter("%(levelprefix)s %(message)s"))
-    logger = logging.getLogger(__package__)
+    logger = logging.getLogger("mlx_eve")
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
 
@@ -129,6 +143,13 @@ class StoppableServer(uvicorn.Server):
     def handle_exit(self, sig, frame) -> None:
         super().handle_exit(sig, frame)
         self.loop.call_soon_threadsafe(self.on_exit)
+
+    def stop(self) -> None:
+        """Stop serving, from any thread, as a signal would."""
+        self.should_exit = True
+        loop = getattr(self, "loop", None)
+        if loop is not None:
+            loop.call_soon_threadsafe(self.on_exit)
 
 
 def follow_rank_0(args: argparse.Namespace, group: mx.distributed.Group) -> None:

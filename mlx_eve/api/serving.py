@@ -51,8 +51,7 @@ class Served:
     @property
     def vocab_size(self) -> int:
         """How many token ids the model answers with (the width of its logits)."""
-        model = self.engine.model
-        return model.vocab_limit or model.args.vocab_size
+        return self.engine.model.num_logits
 
     def check_model(self, name: Optional[str]) -> None:
         """A request's model name must be the served model's (or an alias); none at all is fine."""
