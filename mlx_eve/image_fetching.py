@@ -20,7 +20,8 @@ from .errors import ImageError, shorten
 class ImageLimits:
     """Where a request's images may come from, and how big and slow they may be."""
 
-    allow_local_images: bool = False
+    allow_local_images: bool = False  # local files, and URLs of loopback, private and link-local addresses
+    allow_image_urls: bool = True  # http(s) downloads at all
     max_image_bytes: int = 20 * 2**20
     image_timeout: float = 30.0
 

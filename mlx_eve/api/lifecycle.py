@@ -99,6 +99,8 @@ def settings_of(args: argparse.Namespace) -> ServerSettings:
         aliases=(args.model, DEFAULT_MODEL_NAME),
         api_key=args.api_key,
         allow_local_images=args.allow_local_images,
+        allow_image_urls=not args.no_image_urls,
+        keep_image_positions=args.keep_image_positions,
         max_body_bytes=args.max_body_bytes,
         adapters=() if args.adapter_path is None else (args.adapter_path,),
         max_image_bytes=args.max_image_bytes,

@@ -35,6 +35,7 @@ class ServerSettings(ImageLimits):
     api_key: Optional[str] = None
     max_body_bytes: int = 64 * 2**20
     adapters: Tuple[str, ...] = ()  # the LoRA adapter folders applied to the model (its card lists them)
+    keep_image_positions: bool = False  # images stay where a message has them, not before its text
 
 
 @dataclass

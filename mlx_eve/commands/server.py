@@ -35,7 +35,15 @@ def build_parser() -> argparse.ArgumentParser:
     add(
         "--allow-local-images",
         action="store_true",
-        help="Let requests name images by local path or file:// URL (files this process can read).",
+        help="Let requests name images by local path or file:// URL (files this process can read), and by URLs of "
+        "loopback, private and link-local addresses.",
+    )
+    add("--no-image-urls", action="store_true", help="Refuse http(s) image URLs: images come inline (data: URIs).")
+    add(
+        "--keep-image-positions",
+        action="store_true",
+        help="Keep images where a message has them; by default a message's images go before its text, as EVE "
+        "was trained.",
     )
     add(
         "--prompt-cache-bytes",
