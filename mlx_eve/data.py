@@ -21,11 +21,10 @@ import numpy as np
 from mlx_lm.utils import common_prefix_len
 
 from .errors import ImageError
-from .image import load_image
+from .image import open_image
 from .processor import Processor
-from .prompts import IMAGE_PLACEHOLDER, place_images
+from .prompts import IMAGE, place_images
 from .records import DataError, parse_record, raise_problems, read_records
-from .tokenization import tokenize_with_images
 
 SPLITS = ("train", "valid", "test")
 
@@ -93,7 +92,7 @@ def encode_record(record, where: str, processor: Processor, max_seq_length: int,
     for path in paths:
         if not path.is_file():
             raise DataError(f"image not found: {path}")
-    sizes = [load_image(path).size for path in paths]
+    sizes = [open_image(path).size for path in paths]
     counts = [processor.image_processor.num_tokens(*size) for size in sizes]
     messages = place_images(messages, len(paths))
     input_ids, targets = tokenize_conversation(processor, messages, system, counts)
@@ -112,9 +111,8 @@ def tokenize_conversation(
 
     def tokens(turns: List[Dict[str, str]]) -> List[int]:
         # Ending with the user, the template opens the answer; ending with the assistant, it closes it.
-        text = processor.template.format(turns, system)
-        used = image_counts[: text.count(IMAGE_PLACEHOLDER)]
-        return tokenize_with_images(text, processor.encode, processor.tokenizer.bos_token_id, used)
+        pieces = processor.template.pieces(turns, system)
+        return processor.tokenize(pieces, image_counts[: pieces.count(IMAGE)])
 
     full = tokens(messages)
     targets = np.zeros(len(full), dtype=bool)

@@ -14,10 +14,21 @@ from PIL import Image
 from transformers.utils import logging as hf_logging
 
 from .errors import CheckpointError, PromptError, PromptTooLongError
-from .image import ImageInput, load_image
+from .image import ImageInput, open_image
 from .image_processing import ImageProcessor
-from .prompts import IMAGE_PLACEHOLDER, Prompt, RawPrompt, Template, check_turns, place_images, to_messages
-from .tokenization import Encoder, SentencePieceEncoder, tokenize_with_images
+from .prompts import (
+    Piece,
+    Prompt,
+    RawPrompt,
+    Template,
+    check_system,
+    check_turns,
+    place_images,
+    raw_pieces,
+    render,
+    to_messages,
+)
+from .tokenization import Encoder, SentencePieceEncoder, tokenize
 
 # What a model folder holds besides weights and config.json, copied along when a model is saved.
 PROCESSOR_FILES = [
@@ -70,6 +81,9 @@ class Processor:
         self.template = template
         self.encode = encode
         self.context_length = context_length
+        hf = tokenizer._tokenizer
+        # Every special token's id: the template's pieces, and what a raw prompt may write.
+        self.special_ids = {t: hf.convert_tokens_to_ids(t) for t in hf.all_special_tokens} | hf.get_added_vocab()
 
     @classmethod
     def from_pretrained(
@@ -98,19 +112,28 @@ class Processor:
     def format(
         self, prompt: Prompt, num_images: int = 0, system_prompt: Optional[str] = None, answer: bool = True
     ) -> str:
-        """The templated prompt text, ``<image>`` placeholders included. With ``answer`` (generation) the
-        conversation must end with the user; without it (training) it ends with the assistant. A ``RawPrompt`` is
-        the text as it is."""
+        """The templated prompt text, ``<image>`` placeholders included (``pieces``, rendered)."""
+        return render(self.pieces(prompt, num_images, system_prompt, answer))
+
+    def pieces(
+        self, prompt: Prompt, num_images: int = 0, system_prompt: Optional[str] = None, answer: bool = True
+    ) -> List[Piece]:
+        """The templated prompt as pieces (``prompts.py``). With ``answer`` (generation) the conversation must end
+        with the user; without it (training) it ends with the assistant. A ``RawPrompt`` is its text as it is, its
+        special tokens and ``<image>`` placeholders included."""
         if isinstance(prompt, RawPrompt):
-            return str(prompt)
+            return raw_pieces(prompt, self.special_ids)
         messages, system = to_messages(prompt)
         check_turns(messages)
         if answer and messages[-1]["role"] != "user":
             raise PromptError("The conversation must end with a user message for the model to answer.")
-        system = system_prompt or system
-        if system is not None and IMAGE_PLACEHOLDER in system:
-            raise PromptError(f"The system prompt may not contain {IMAGE_PLACEHOLDER}: put images in a user message.")
-        return self.template.format(place_images(messages, num_images), system)
+        if system_prompt is not None:
+            check_system(system_prompt)
+        return self.template.pieces(place_images(messages, num_images), system_prompt or system)
+
+    def tokenize(self, pieces: Sequence[Piece], image_token_counts: Sequence[int]) -> List[int]:
+        """Token ids of templated ``pieces`` whose images take ``image_token_counts`` tokens each."""
+        return tokenize(pieces, self.encode, self.tokenizer.bos_token_id, self.special_ids, image_token_counts)
 
     def __call__(
         self,
@@ -125,21 +148,24 @@ class Processor:
             images = []
         elif not isinstance(images, (list, tuple)):
             images = [images]
-        images = [load_image(image) for image in images]
+        images = [open_image(image) for image in images]  # headers only: sizes, no pixels yet
         image_processor = self.image_processor.with_max_size(max_size)
-        text = self.format(prompt, len(images), system_prompt)
+        pieces = self.pieces(prompt, len(images), system_prompt)
+        text = render(pieces)
         try:
             text.encode()
         except UnicodeEncodeError as e:
             raise PromptError(f"The prompt has a lone surrogate ({text[e.start]!r}), which is not Unicode text.") from e
         counts = [image_processor.num_tokens(*image.size) for image in images]
-        ids = tokenize_with_images(text, self.encode, self.tokenizer.bos_token_id, counts)
+        ids = self.tokenize(pieces, counts)
         if len(ids) >= self.context_length:
             raise PromptTooLongError(
                 f"The prompt is {len(ids)} tokens ({sum(counts)} of them for {len(images)} image(s)), but the "
                 f"model's context is {self.context_length} tokens. Shorten the text, use fewer images"
                 + (" or a smaller --max-size." if hasattr(image_processor, "max_size") else ".")
             )
+        # Decoded only now that the prompt fits, one at a time, the largest reduced as they are read.
+        images = [image.decode(image_processor.target_size) for image in images]
         return ModelInputs(mx.array(ids, dtype=mx.int32), images, image_processor, sum(counts), text)
 
 
@@ -190,14 +216,11 @@ def _make_encoder(model_path: Path, hf_tokenizer) -> Encoder:
     """EVEv1 (a SentencePiece ``tokenizer.model``) is encoded like the reference's slow tokenizer."""
     sp_model = model_path / "tokenizer.model"
     if not sp_model.exists():
-        return lambda text: hf_tokenizer.encode(text)
+        return lambda text, after_special=False: hf_tokenizer.encode(text, split_special_tokens=True)
     config_file = model_path / "tokenizer_config.json"
     config = json.loads(config_file.read_text()) if config_file.exists() else {}
-    special = {t: hf_tokenizer.convert_tokens_to_ids(t) for t in hf_tokenizer.all_special_tokens}
-    special.update(hf_tokenizer.get_added_vocab())
     return SentencePieceEncoder(
         sp_model,
-        special,
         bos_id=hf_tokenizer.bos_token_id,
         add_bos=config.get("add_bos_token", True),
         legacy=config.get("legacy", True) is not False,

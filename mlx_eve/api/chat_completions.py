@@ -12,7 +12,6 @@ from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from ..engine import Event, Stream, Usage
 from ..errors import shorten
-from ..prompts import IMAGE_PLACEHOLDER
 from ..request import SamplingParams
 from ..tools import parse_tool_calls
 from .errors import APIError
@@ -23,7 +22,7 @@ from .fields import (
     option,
     refuse_unknown,
     sampling_params,
-    string_list,
+    stop_list,
 )
 from .serving import Receive, Served, event_stream, log_usage, server_sent
 from .tool_calls import (
@@ -102,7 +101,7 @@ def parse_chat_request(body: Dict[str, Any], vocab_size: int) -> ChatRequest:
         body,
         vocab_size,
         max_tokens=max_tokens,
-        stop=string_list(body, "stop"),
+        stop=stop_list(body, "stop"),
         grammar=grammar,
         top_logprobs=(top_logprobs or 0) if logprobs else None,
     )
@@ -118,8 +117,8 @@ def parse_chat_request(body: Dict[str, Any], vocab_size: int) -> ChatRequest:
     )
 
 
-def _message(message: Any, where: str, image_urls: List[str]) -> Dict[str, str]:
-    """An OpenAI message → ``{"role", "content"}`` with text content (``content_text``)."""
+def _message(message: Any, where: str, image_urls: List[str]) -> Dict[str, Any]:
+    """An OpenAI message → ``{"role", "content"}`` with EVE's content parts (``content_parts``)."""
     if not isinstance(message, dict):
         raise APIError(400, f"{where} must be an object with 'role' and 'content'.", where)
     turn = tool_turn(message, where)
@@ -132,7 +131,7 @@ def _message(message: Any, where: str, image_urls: List[str]) -> Dict[str, str]:
             f"{where} has the role {shorten(json.dumps(role))}: use system, user, assistant or tool.",
             f"{where}.role",
         )
-    content = content_text(message.get("content"), f"{where}.content", image_urls)
+    content = content_parts(message.get("content"), f"{where}.content", image_urls)
     return {"role": "system" if role == "developer" else role, "content": content}
 
 
@@ -147,27 +146,29 @@ class PartTypes(NamedTuple):
 CHAT_PARTS = PartTypes(text=("text",), image="image_url")
 
 
-def content_text(content: Any, where: str, image_urls: List[str], types: PartTypes = CHAT_PARTS) -> str:
-    """A message's content, a string or a list of parts, as text: image parts become ``<image>`` in place (parts
-    are joined by new lines, so an image before a question reads ``<image>\\nquestion`` as in EVE's reference)
-    and their URLs are appended to ``image_urls``. ``where``: the content's path in the request."""
+def content_parts(
+    content: Any, where: str, image_urls: List[str], types: PartTypes = CHAT_PARTS
+) -> List[Dict[str, str]]:
+    """A message's content, a string or a list of parts, as EVE's content parts (``prompts.py``): its text is text
+    (``<image>`` or a special token written in it included), each image part an image, whose URL is appended to
+    ``image_urls``. ``where``: the content's path in the request."""
     if isinstance(content, list):
-        return "\n".join(_part(part, f"{where}[{j}]", image_urls, types) for j, part in enumerate(content))
+        return [_part(part, f"{where}[{j}]", image_urls, types) for j, part in enumerate(content)]
     if not isinstance(content, str):
         raise APIError(400, f"{where} must be a string or a list of content parts.", where)
-    return content
+    return [{"type": "text", "text": content}]
 
 
-def _part(part: Any, where: str, image_urls: List[str], types: PartTypes) -> str:
+def _part(part: Any, where: str, image_urls: List[str], types: PartTypes) -> Dict[str, str]:
     kind = part.get("type") if isinstance(part, dict) else None
     if kind in types.text and isinstance(part.get("text"), str):
-        return part["text"]
+        return {"type": "text", "text": part["text"]}
     if kind == types.image:
         image = part.get("image_url")
         url = image.get("url") if isinstance(image, dict) else image
         if isinstance(url, str) and url:
             image_urls.append(url)
-            return IMAGE_PLACEHOLDER
+            return {"type": "image"}
     raise APIError(
         400,
         f"{where} must be {{'type': '{types.text[0]}', 'text': ...}} or {{'type': '{types.image}', 'image_url': ...}}.",

@@ -11,9 +11,9 @@ from fastapi.responses import JSONResponse, Response
 from ..engine import Event, Stream, Usage
 from ..errors import shorten
 from ..request import SamplingParams
-from .chat_completions import content_text
+from .chat_completions import content_parts
 from .errors import APIError
-from .fields import option, refuse_unknown, sampling_params, string_list
+from .fields import option, refuse_unknown, sampling_params, stop_list
 from .serving import Receive, Served, event_stream, log_usage, server_sent
 from .tool_calls import merge_turns
 
@@ -75,7 +75,7 @@ def parse_messages_request(body: Dict[str, Any], vocab_size: int) -> MessagesReq
         model=option(body, "model", str, "a model name"),
         messages=converted,
         image_urls=image_urls,
-        params=sampling_params(body, vocab_size, max_tokens=max_tokens, stop=string_list(body, "stop_sequences")),
+        params=sampling_params(body, vocab_size, max_tokens=max_tokens, stop=stop_list(body, "stop_sequences")),
         stream=option(body, "stream", bool, "true or false", default=False),
     )
 
@@ -90,11 +90,12 @@ def _message(message: Any, where: str, image_urls: List[str]) -> Dict[str, str]:
     return {"role": role, "content": _content(message.get("content"), f"{where}.content", image_urls)}
 
 
-def _content(content: Any, where: str, image_urls: List[str], images: bool = True) -> str:
-    """Content, a string or a list of blocks, as text (``content_text``, each block read as chat's part)."""
+def _content(content: Any, where: str, image_urls: List[str], images: bool = True) -> List[Dict[str, str]]:
+    """Content, a string or a list of blocks, as EVE's content parts (``content_parts``, each block read as chat's
+    part)."""
     if isinstance(content, list):
         content = [_chat_part(block, f"{where}[{j}]", images) for j, block in enumerate(content)]
-    return content_text(content, where, image_urls)
+    return content_parts(content, where, image_urls)
 
 
 def _chat_part(block: Any, where: str, images: bool) -> Dict[str, Any]:

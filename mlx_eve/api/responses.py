@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse, Response
 from ..engine import Event, Stream
 from ..errors import shorten
 from ..request import SamplingParams
-from .chat_completions import PartTypes, content_text
+from .chat_completions import PartTypes, content_parts
 from .errors import APIError
 from .fields import BOOKKEEPING_FIELDS, SAMPLING_FIELDS, format_grammar, option, refuse_unknown, sampling_params
 from .serving import Receive, Served, event_stream, log_usage, server_sent
@@ -91,7 +91,7 @@ def parse_responses_request(body: Dict[str, Any], vocab_size: int) -> ResponsesR
 def _input_messages(items: Any, image_urls: List[str]) -> List[Dict[str, str]]:
     """``input``, a question or a list of messages, as ``{"role", "content"}`` messages with text content."""
     if isinstance(items, str):
-        return [{"role": "user", "content": items}]
+        return [{"role": "user", "content": [{"type": "text", "text": items}]}]
     if not isinstance(items, list) or not items:
         raise APIError(400, "'input' must be a string or a non-empty list of messages.", "input")
     return [_input_message(item, f"input[{i}]", image_urls) for i, item in enumerate(items)]
@@ -107,7 +107,7 @@ def _input_message(item: Any, where: str, image_urls: List[str]) -> Dict[str, st
     if role not in ("system", "developer", "user", "assistant"):
         message = f"{where} has the role {shorten(json.dumps(role))}: use system, developer, user or assistant."
         raise APIError(400, message, f"{where}.role")
-    content = content_text(item.get("content"), f"{where}.content", image_urls, INPUT_PARTS)
+    content = content_parts(item.get("content"), f"{where}.content", image_urls, INPUT_PARTS)
     return {"role": "system" if role == "developer" else role, "content": content}
 
 

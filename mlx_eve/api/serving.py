@@ -3,20 +3,21 @@ engine, and its events followed (and counted in the app's ``Metrics``) while the
 (``follow``), streamed as server-sent events."""
 
 import asyncio
+import functools
 import json
 import logging
 import threading
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Awaitable, Callable, Dict, Mapping, Optional, Sequence, Tuple, Union
 
-from starlette.concurrency import run_in_threadpool
+import anyio.to_thread
 from starlette.responses import StreamingResponse
 
-from ..engine import Engine, Event, Stream
+from ..engine import Engine, EngineStoppedError, Event, Stream
 from ..errors import EVEError
-from ..image_fetching import ImageLimits, read_image
+from ..image_fetching import URL_SCHEMES, ImageLimits, read_image
 from ..processor import Processor
-from ..prompts import Prompt
+from ..prompts import Prompt, images_first
 from ..request import SamplingParams
 from .errors import INTERNAL_ERROR, APIError, ClientGone, ServerStopping, api_error
 from .metrics import Metrics
@@ -63,15 +64,21 @@ class Served:
     async def submit(
         self, prompt: Prompt, image_urls: Sequence[str], params: SamplingParams, names: Mapping[str, str] = {}
     ) -> Stream:
-        """A request in the engine, its images read first (on a worker thread: a download can take seconds).
-        A request the engine refuses is an ``APIError`` naming its field by ``names`` (``api_error``)."""
+        """A request in the engine, its images read first on a worker thread (one of ``download_threads`` if it has
+        an image URL: a download can take seconds). A request the engine refuses is an ``APIError`` naming its field
+        by ``names`` (``api_error``)."""
+        downloads = any(url.startswith(URL_SCHEMES) for url in image_urls)
         try:
-            return await run_in_threadpool(self._submit, prompt, image_urls, params)
+            return await anyio.to_thread.run_sync(
+                self._submit, prompt, image_urls, params, limiter=download_threads() if downloads else None
+            )
         except EVEError as error:
             raise api_error(error, names) from error
 
     def _submit(self, prompt: Prompt, image_urls: Sequence[str], params: SamplingParams) -> Stream:
         images = [read_image(url, self.settings) for url in image_urls]
+        if not (self.settings.keep_image_positions or isinstance(prompt, str)):
+            prompt = images_first(prompt)
         stream = self.engine.submit(prompt, images=images, params=params)
         self.metrics.submitted(stream)
         return stream
@@ -86,6 +93,14 @@ class Served:
             text += last.text
         log_usage(name, last)
         return text, last
+
+
+@functools.lru_cache(maxsize=None)
+def download_threads() -> anyio.CapacityLimiter:
+    """The few worker threads that requests with image URLs read their images on, theirs alone: however many
+    downloads are slow, a request whose images are inline never waits behind them. (Made on first use, in the event
+    loop, where older versions of anyio must make it.)"""
+    return anyio.CapacityLimiter(8)
 
 
 async def follow(
@@ -120,9 +135,13 @@ async def follow(
         while not finished:
             item = asyncio.ensure_future(events.get())
             await asyncio.wait({item, gone, stop}, return_when=asyncio.FIRST_COMPLETED)
-            if gone.done() or stop.done():
+            if not item.done():  # an event that came meanwhile is delivered first: it may be the engine's error
                 item.cancel()
-                raise ClientGone() if gone.done() else ServerStopping("The server is shutting down.")
+                if gone.done():
+                    raise ClientGone()
+                if stream.engine_failure is not None:
+                    raise EngineStoppedError(f"The engine stopped on an error: {stream.engine_failure!r}")
+                raise ServerStopping("The server is shutting down.")
             if isinstance(item.result(), Exception):
                 finished = True  # the engine has ended the request: there is nothing to cancel
                 raise item.result()

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple
 
 from ..errors import shorten
+from ..prompts import text_of
 from ..tools import TOOL_NAME, Tool, ToolCall, ToolCallReader, call_text, result_text, tool_call_grammar, tools_prompt
 from .errors import APIError
 from .fields import option
@@ -82,7 +83,7 @@ def tool_turn(message: Dict[str, Any], where: str) -> Optional[Dict[str, str]]:
             content = "\n".join(part.get("text", "") if isinstance(part, dict) else "" for part in content)
         if not isinstance(content, str):
             raise APIError(400, f"{where}.content must be the tool's result as text.", f"{where}.content")
-        return {"role": "user", "content": result_text(content)}
+        return {"role": "user", "content": [{"type": "text", "text": result_text(content)}]}
     calls = message.get("tool_calls")
     if message.get("role") != "assistant" or not calls:
         return None
@@ -90,10 +91,8 @@ def tool_turn(message: Dict[str, Any], where: str) -> Optional[Dict[str, str]]:
         raise APIError(400, f"{where}.tool_calls must be a list of calls.", f"{where}.tool_calls")
     texts = [call_text(_earlier_call(call, f"{where}.tool_calls[{i}]")) for i, call in enumerate(calls)]
     content = message.get("content")
-    return {
-        "role": "assistant",
-        "content": "\n".join(([content] if isinstance(content, str) and content else []) + texts),
-    }
+    text = "\n".join(([content] if isinstance(content, str) and content else []) + texts)
+    return {"role": "assistant", "content": [{"type": "text", "text": text}]}
 
 
 def _earlier_call(call: Any, where: str) -> ToolCall:
@@ -113,16 +112,17 @@ def _earlier_call(call: Any, where: str) -> ToolCall:
 def with_tools_prompt(messages: List[Dict[str, str]], tools: Tools, default_system: str) -> List[Dict[str, str]]:
     """``messages`` with the tools offered in their system prompt (the template's own when they have none)."""
     if messages[0]["role"] == "system":
-        return [{"role": "system", "content": tools.system_prompt(messages[0]["content"])}, *messages[1:]]
+        return [{"role": "system", "content": tools.system_prompt(text_of(messages[0]["content"]))}, *messages[1:]]
     return [{"role": "system", "content": tools.system_prompt(default_system)}, *messages]
 
 
-def merge_turns(messages: List[Dict[str, str]]) -> List[Dict[str, str]]:
-    """Consecutive messages of one role as one turn (several tool results, or a result and the user's next words)."""
-    merged: List[Dict[str, str]] = []
+def merge_turns(messages: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """Consecutive messages of one role as one turn (several tool results, or a result and the user's next words),
+    their content parts one after the other (joined by new lines, as a message's parts are)."""
+    merged: List[Dict[str, Any]] = []
     for message in messages:
         if merged and merged[-1]["role"] == message["role"] != "system":
-            merged[-1] = {"role": message["role"], "content": merged[-1]["content"] + "\n" + message["content"]}
+            merged[-1] = {"role": message["role"], "content": merged[-1]["content"] + message["content"]}
         else:
             merged.append(message)
     return merged
