@@ -99,6 +99,11 @@ class Stream:
             if item.finish_reason is not None:
                 return
 
+    @property
+    def engine_failure(self) -> Optional[BaseException]:
+        """What stopped the engine that answers this stream, if an error did."""
+        return self._engine.failure
+
     def cancel(self) -> None:
         """Stop the request; iterating the stream ends (after the events already delivered)."""
         self._engine._cancel(self._request)
@@ -406,9 +411,10 @@ class Engine:
             request.detokenizer.add_token(response.token)
         if finish is not None:
             request.detokenizer.finalize()
+        checked = len(request.text)  # no stop string ends before this
         request.text += request.detokenizer.last_segment
         cache = response.prompt_cache
-        stop_at, stop = _find_stop(request.text, params.stop)
+        stop_at, stop = _find_stop(request.text, params.stop, checked)
         if stop is not None:
             request.text, finish = request.text[:stop_at], "stop"
             if response.finish_reason is None:
@@ -484,9 +490,15 @@ def _cache_key(inputs: ModelInputs) -> List[Any]:
     return key
 
 
-def _find_stop(text: str, stops: Sequence[str]) -> Tuple[int, Optional[str]]:
-    """Where the earliest stop string in ``text`` begins, and which it is (``-1, None`` if there is none)."""
-    found = [(text.find(s), s) for s in stops if s and s in text]
+def _find_stop(text: str, stops: Sequence[str], checked: int) -> Tuple[int, Optional[str]]:
+    """Where the earliest stop string in ``text`` begins, and which it is (``-1, None`` if there is none), given
+    that none ends within ``text[:checked]``: only the new text and the few characters before it are searched,
+    so that each token costs the same however long the answer is."""
+    found = []
+    for s in stops:
+        at = text.find(s, max(0, checked - len(s) + 1)) if s else -1
+        if at >= 0:
+            found.append((at, s))
     return min(found) if found else (-1, None)
 
 

@@ -22,13 +22,17 @@ MAX_INDEX = 2**31 - 1  # MLX slices with 32-bit integers
 # Sampling divides by the temperature in float32: below this, 1/temperature times a log-probability overflows
 # to -inf for every token, and the draw is uniform instead of nearly greedy.
 MIN_TEMPERATURE = 1e-6
+# Stop strings are looked for after every token, on the engine thread that every request shares: bounded work.
+MAX_STOPS = 16
+MAX_STOP_LENGTH = 256
 
 
 class SamplingError(EVEError, ValueError):
     """A sampling setting the model or MLX cannot take; ``field`` names it."""
 
     def __init__(self, field: str, wanted: str, value: Any):
-        shown = repr(value) if len(repr(value)) <= 80 else repr(value)[:79] + "…"
+        shown = repr(value)
+        shown = shown if len(shown) <= 80 else shown[:79] + "…"
         super().__init__(f"Invalid '{field}': expected {wanted}, got {shown}.")
         self.field = field
 
@@ -99,8 +103,11 @@ class SamplingParams:
                 raise SamplingError("logit_bias", f"token ids from 0 to {vocab_size - 1}", token)
             if not of_kind(bias, float):
                 raise SamplingError("logit_bias", "finite biases", bias)
-        if not all(isinstance(s, str) for s in self.stop):
-            raise SamplingError("stop", "strings", self.stop)
+        if len(self.stop) > MAX_STOPS:
+            raise SamplingError("stop", f"at most {MAX_STOPS} stop strings", len(self.stop))
+        for stop in self.stop:
+            if not (isinstance(stop, str) and len(stop) <= MAX_STOP_LENGTH):
+                raise SamplingError("stop", f"strings of at most {MAX_STOP_LENGTH} characters", stop)
 
     def sampler(self):
         # As floats: MLX cannot take a Python integer beyond 64 bits, which ``check`` lets through as a number.

@@ -45,6 +45,8 @@ def text(stream) -> str:
         ({"logit_bias": ((10**6, 1.0),)}, "logit_bias"),
         ({"logit_bias": ((3, float("nan")),)}, "logit_bias"),
         ({"top_logprobs": -1}, "top_logprobs"),
+        ({"stop": ("x",) * 17}, "stop"),
+        ({"stop": ("x" * 257,)}, "stop"),
     ],
 )
 def test_settings_mlx_cannot_take_are_refused_on_submit(v2_model, settings, field):

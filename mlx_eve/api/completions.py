@@ -15,7 +15,7 @@ from ..prompts import IMAGE_PLACEHOLDER, RawPrompt
 from ..request import SamplingParams
 from .chat_completions import usage_json
 from .errors import APIError
-from .fields import SAMPLING_FIELDS, option, refuse_unknown, sampling_params, string_list
+from .fields import SAMPLING_FIELDS, option, refuse_unknown, sampling_params, stop_list
 from .serving import Receive, Served, event_stream, log_usage, server_sent
 
 # Fields a request may carry beside the sampling ones (``fields.SAMPLING_FIELDS``); any other is refused.
@@ -58,7 +58,7 @@ def parse_completion_request(body: Dict[str, Any], vocab_size: int) -> Completio
     return CompletionRequest(
         model=option(body, "model", str, "a model name"),
         prompt=_prompt(body.get("prompt")),
-        params=sampling_params(body, vocab_size, max_tokens=max_tokens, stop=string_list(body, "stop")),
+        params=sampling_params(body, vocab_size, max_tokens=max_tokens, stop=stop_list(body, "stop")),
         stream=option(body, "stream", bool, "true or false", default=False),
         include_usage=option(stream_options, "include_usage", bool, "true or false", default=False),
     )

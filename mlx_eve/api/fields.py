@@ -6,7 +6,7 @@ import re
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from ..errors import shorten
-from ..request import SamplingParams, number_limits, of_kind
+from ..request import MAX_STOP_LENGTH, MAX_STOPS, SamplingParams, number_limits, of_kind
 from ..structured import GrammarError, response_format_grammar
 from .errors import APIError
 
@@ -82,6 +82,15 @@ def string_list(body: Dict[str, Any], name: str) -> List[str]:
         return value
     message = f"Invalid '{name}': expected a string or a list of strings, got {shorten(json.dumps(value))}."
     raise APIError(400, message, name)
+
+
+def stop_list(body: Dict[str, Any], name: str) -> List[str]:
+    """The stop strings of the field ``name`` (a string or a list), within ``MAX_STOPS`` of ``MAX_STOP_LENGTH``."""
+    stops = string_list(body, name)
+    if len(stops) > MAX_STOPS or any(len(s) > MAX_STOP_LENGTH for s in stops):
+        message = f"Invalid '{name}': expected at most {MAX_STOPS} strings of at most {MAX_STOP_LENGTH} characters."
+        raise APIError(400, message, name)
+    return stops
 
 
 def refuse_unknown(body: Dict[str, Any], known: Iterable[str], where: str = "") -> None:
