@@ -3,10 +3,13 @@
 import csv
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -145,7 +148,7 @@ def test_a_file_this_command_did_not_write_is_refused_and_left_as_it_was(tmp_pat
 
 def test_images_from_patterns_and_files_and_what_is_refused(photos, tmp_path, capsys):
     root, found = photos
-    assert caption.find_images([str(root / "**" / "*.jpg"), str(root / "notes.txt"), found[0]]) == [
+    assert list(caption.find_images([str(root / "**" / "*.jpg"), str(root / "notes.txt"), found[0]])) == [
         Path(found[3]),
         Path(found[4]),
         root / "notes.txt",  # named outright: read whatever its name (and reported if it is no image)
@@ -197,3 +200,126 @@ def test_ctrl_c_leaves_complete_lines_and_exit_130(v2_path, tmp_path):
     assert finish.returncode == 0, finish.stderr
     assert out.read_text().startswith(written)
     assert [row["path"] for row in lines(out)] == [str(root / f"{i:02d}.png") for i in range(60)]
+
+
+def save_image(path, color="red"):
+    Image.new("RGB", (64, 64), color).save(path, format="PNG")
+
+
+@pytest.mark.parametrize("format", caption.FORMATS)
+def test_a_name_that_is_not_utf8_is_answered_and_written_so_that_it_reads_back(v2_path, tmp_path, format, capsys):
+    root = tmp_path / "photos"
+    root.mkdir()
+    save_image(root / "a.png")
+    odd = os.path.join(os.fsencode(root), b"b\xff.png")  # no UTF-8 name: as a folder from another system holds
+    save_image(odd, "blue")
+    save_image(root / "c.png", "green")
+    out = tmp_path / f"answers.{format}"
+    assert run_caption(v2_path, "--images", str(root), "--output", str(out)) == 0
+    assert "3 answered;" in capsys.readouterr().out
+
+    raw = out.read_bytes()
+    if format == "jsonl":
+        rows = [json.loads(line) for line in raw.decode("utf-8").splitlines()]  # still all UTF-8
+        assert all(set(row) == FIELDS for row in rows)
+    else:
+        assert b"/b\xff.png," in raw  # the name's own bytes
+        with open(out, newline="", errors="surrogateescape") as f:
+            rows = list(csv.DictReader(f))
+        assert all(row["error"] == "" and int(row["image_tokens"]) > 0 for row in rows)
+    assert [os.fsencode(row["path"]) for row in rows] == [os.fsencode(root / "a.png"), odd, os.fsencode(root / "c.png")]
+
+    assert run_caption(v2_path, "--images", str(root), "--output", str(out)) == 0
+    assert out.read_bytes() == raw and "All 3 images are already in" in capsys.readouterr().out
+
+
+def test_broken_links_and_what_is_no_regular_file_get_error_lines(v2_path, tmp_path, capsys):
+    root = tmp_path / "photos"
+    (root / "sub").mkdir(parents=True)
+    save_image(root / "a.png")
+    (root / "gone.png").symlink_to("missing.png")
+    os.mkfifo(root / "pipe.png")  # never opened: reading it would wait for a writer
+    save_image(root / "sub" / "z.png")
+    named = tmp_path / "named.png"
+    named.symlink_to(tmp_path / "nowhere.png")
+    out = tmp_path / "answers.jsonl"
+    assert run_caption(v2_path, "--images", str(root), str(named), "--output", str(out)) == 0
+    assert "2 answered, 3 could not be read (error lines)" in capsys.readouterr().out
+    rows = lines(out)
+    paths = [root / "a.png", root / "gone.png", root / "pipe.png", root / "sub" / "z.png", named]
+    assert [row["path"] for row in rows] == [str(path) for path in paths]
+    assert set(rows[0]) == set(rows[3]) == FIELDS
+    assert rows[1] == {
+        "path": str(root / "gone.png"),
+        "error": f"Could not read image {root / 'gone.png'}: a broken symbolic link (to missing.png).",
+    }
+    assert rows[2] == {
+        "path": str(root / "pipe.png"),
+        "error": f"Could not read image {root / 'pipe.png'}: not a regular file.",
+    }
+    assert set(rows[4]) == {"path", "error"} and "broken symbolic link" in rows[4]["error"]
+
+    written = out.read_text()
+    assert run_caption(v2_path, "--images", str(root), str(named), "--output", str(out)) == 0
+    assert out.read_text() == written and "All 5 images are already in" in capsys.readouterr().out
+
+
+@contextmanager
+def without_permissions():
+    """Run the block as a user whom mode 000 keeps out: as it is, or, for root (who reads everything), with the
+    effective user nobody."""
+    if os.geteuid() != 0:
+        yield
+        return
+    os.seteuid(65534)
+    try:
+        yield
+    finally:
+        os.seteuid(0)
+
+
+def test_files_and_folders_without_read_permission_get_error_lines(v2_path, tmp_path, monkeypatch, capsys):
+    if os.geteuid() == 0:
+        try:
+            with without_permissions():
+                pass
+        except PermissionError:
+            pytest.skip("running as root, and not allowed to change the effective user")
+    # Outside the test's own folder, which another user could not enter.
+    root = Path(tempfile.mkdtemp(prefix="caption-permissions-"))
+    try:
+        os.chmod(root, 0o755)
+        save_image(root / "a.png")
+        (root / "open").mkdir()
+        save_image(root / "open" / "b.png")
+        (root / "private").mkdir()
+        save_image(root / "private" / "inside.png")
+        save_image(root / "secret.png")
+        os.chmod(root / "private", 0)
+        os.chmod(root / "secret.png", 0)
+
+        find_images = caption.find_images
+
+        def find_without_permissions(sources):
+            with without_permissions():
+                return find_images(sources)
+
+        monkeypatch.setattr(caption, "find_images", find_without_permissions)
+        out = tmp_path / "answers.jsonl"
+        assert run_caption(v2_path, "--images", str(root), "--output", str(out)) == 0
+        assert "2 answered, 2 could not be read (error lines)" in capsys.readouterr().out
+        rows = lines(out)
+        assert [row["path"] for row in rows] == [
+            str(root / name) for name in ["a.png", "open/b.png", "private", "secret.png"]
+        ]
+        assert set(rows[0]) == set(rows[1]) == FIELDS
+        assert rows[2]["error"] == f"Could not search folder {root / 'private'}: permission denied."
+        assert rows[3]["error"] == f"Could not read image {root / 'secret.png'}: permission denied."
+
+        written = out.read_text()
+        assert run_caption(v2_path, "--images", str(root), "--output", str(out)) == 0
+        assert out.read_text() == written and "All 4 images are already in" in capsys.readouterr().out
+    finally:
+        for locked in (root / "private", root / "secret.png"):
+            os.chmod(locked, 0o755)
+        shutil.rmtree(root)

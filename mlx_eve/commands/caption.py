@@ -14,14 +14,17 @@ import csv
 import glob
 import io
 import json
+import os
+import stat
 import sys
 import time
 from collections import Counter
+from contextlib import closing
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 from ..arguments import COUNT, NON_NEGATIVE, ArgumentParser, add_model_options, json_schema_file
-from ..errors import EVEError, run_cli, shorten
+from ..errors import EVEError, ImageError, run_cli, shorten
 from .generate import read_prompt
 
 # What a folder or a pattern contributes; a file named outright is read whatever its name.
@@ -54,29 +57,66 @@ def answer_columns(schema: Optional[dict]) -> List[str]:
     return list(properties)
 
 
-def find_images(sources: Sequence[str]) -> List[Path]:
+def find_images(sources: Sequence[str]) -> Dict[Path, Optional[str]]:
     """The images named by ``sources`` (files, folders searched recursively, glob patterns, ``**`` included),
-    each source's sorted, without repeats. Hidden files and folders are left out of searches."""
-    found: Dict[Path, None] = {}
+    each source's sorted, without repeats, each with why it cannot be read (``None`` for those to answer): a
+    folder that could not be searched, a broken link, no permission to read, not a regular file. Hidden files and
+    folders are left out of searches."""
+    found: Dict[Path, Optional[str]] = {}
     for source in sources:
         path = Path(source).expanduser()
-        if path.is_file():
-            found[path] = None
-            continue
-        if path.is_dir():
-            candidates = [
-                p for p in path.rglob("*") if not any(part.startswith(".") for part in p.relative_to(path).parts)
-            ]
+        if os.path.lexists(path) and not path.is_dir():
+            named = {path: None}  # a file named outright is read whatever its name
+        elif path.is_dir():
+            named = {entry: error for entry, error in _search(path).items() if error or _is_image(entry)}
         else:
-            candidates = [Path(p) for p in glob.glob(str(path), recursive=True)]
-            if not candidates:
+            matches = [Path(p) for p in glob.glob(str(path), recursive=True)]
+            if not matches:
                 raise EVEError(f"No such file or folder, and nothing matches the pattern: {source}")
-        found.update(
-            dict.fromkeys(sorted(p for p in candidates if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS))
-        )
+            named = dict.fromkeys(entry for entry in matches if _is_image(entry))
+        for entry in sorted(named):
+            if entry not in found:
+                found[entry] = named[entry] or _unreadable(entry)
     if not found:
         raise EVEError(f"No images ({', '.join(sorted(IMAGE_EXTENSIONS))}) in {' '.join(sources)}.")
-    return list(found)
+    return found
+
+
+def _search(folder: Path) -> Dict[Path, Optional[str]]:
+    """The files under ``folder`` but hidden ones, and the folders that could not be searched with the error."""
+    entries: Dict[Path, Optional[str]] = {}
+
+    def unsearchable(error: OSError) -> None:
+        entries[Path(error.filename)] = f"Could not search folder {error.filename}: {_reason(error)}."
+
+    for parent, folders, files in os.walk(folder, onerror=unsearchable):
+        folders[:] = [name for name in folders if not name.startswith(".")]
+        entries.update(dict.fromkeys(Path(parent, name) for name in files if not name.startswith(".")))
+    return entries
+
+
+def _is_image(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_EXTENSIONS and not path.is_dir()
+
+
+def _unreadable(path: Path) -> Optional[str]:
+    """Why the file ``path`` cannot be read, or ``None``. Checked here because the decoder would call a file it
+    cannot open corrupt; only a regular file is opened (a FIFO would block)."""
+    try:
+        if not stat.S_ISREG(path.stat().st_mode):
+            return f"Could not read image {path}: not a regular file."
+        open(path, "rb").close()
+    except FileNotFoundError as e:
+        if path.is_symlink():
+            return f"Could not read image {path}: a broken symbolic link (to {os.readlink(path)})."
+        return f"Could not read image {path}: {_reason(e)}."
+    except OSError as e:
+        return f"Could not read image {path}: {_reason(e)}."
+    return None
+
+
+def _reason(error: OSError) -> str:
+    return (error.strerror or str(error)).lower()
 
 
 class Output:
@@ -90,7 +130,11 @@ class Output:
         if not path.parent.is_dir():
             raise EVEError(f"No such folder for --output: {path.parent}")
         self.done = set() if overwrite or not path.exists() else self._read_done()
-        self._file = open(path, "w" if overwrite else "a", encoding="utf-8", newline="")
+        # A file name need not be UTF-8: its bytes that are not (surrogates in ``str(path)``) are kept losslessly.
+        # In JSONL as \udcXX escapes, which leave the file UTF-8 and read back as the same string; a CSV has no
+        # escapes, so there they are the name's own bytes (the file then matches the folder, though not all UTF-8).
+        unencodable = "surrogateescape" if format == "csv" else "backslashreplace"
+        self._file = open(path, "w" if overwrite else "a", encoding="utf-8", errors=unencodable, newline="")
         self._csv = csv.DictWriter(self._file, self.columns, lineterminator="\n") if format == "csv" else None
         if self._csv and self._file.tell() == 0:
             self._csv.writeheader()
@@ -108,7 +152,7 @@ class Output:
                 f"{self.path} was not written by this command, or with other columns; use --overwrite or another "
                 "--output."
             )
-        text = raw[:end].decode("utf-8", errors="replace")
+        text = raw[:end].decode("utf-8", errors="surrogateescape")
         if self.format == "csv":
             done = {row["path"] for row in csv.DictReader(io.StringIO(text, newline=""))}
         else:
@@ -203,7 +247,7 @@ def run(args: argparse.Namespace) -> None:
     images = find_images(args.images)
     output = Output(args.output, args.format, args.overwrite, args.answer_columns)
     try:
-        todo = [path for path in images if str(path) not in output.done]
+        todo = {path: error for path, error in images.items() if str(path) not in output.done}
         if not todo:
             print(f"All {len(images)} images are already in {args.output} (--overwrite to start again).")
             return
@@ -214,8 +258,11 @@ def run(args: argparse.Namespace) -> None:
         output.close()
 
 
-def caption(args: argparse.Namespace, prompt: str, images: List[Path], output: Output, total: int) -> None:
-    """Answer ``prompt`` about each of ``images`` into ``output``, counting the images that fail."""
+def caption(
+    args: argparse.Namespace, prompt: str, images: Dict[Path, Optional[str]], output: Output, total: int
+) -> None:
+    """Answer ``prompt`` about each of ``images`` into ``output``, counting the images that fail: those with
+    an error (why they cannot be read, see ``find_images``) get an error line without going to the model."""
     # The library (and mlx-lm with it) once the arguments are good: see the package's docstring.
     from ..answering import Request, answer_in_order
     from ..loading import load
@@ -229,11 +276,13 @@ def caption(args: argparse.Namespace, prompt: str, images: List[Path], output: O
         grammar = json_schema_grammar(args.json_schema)
         check_grammar(grammar, processor.tokenizer)  # once here, rather than an error line for every image
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temp, grammar=grammar)
-    requests = (Request(prompt, [path], args.system_prompt) for path in images)
+    requests = (Request(prompt, [path], args.system_prompt) for path, error in images.items() if error is None)
     answers = answer_in_order(model, processor, requests, params, batch_size=args.batch_size)
     failed, tic = Counter(), time.perf_counter()
-    with progress_bar(total, total - len(images), "image") as bar:
-        for path, answer in zip(images, answers):
+    # closing: whatever stops the loop, the engine's thread is stopped too (left running, it aborts the exit).
+    with closing(answers), progress_bar(total, total - len(images), "image") as bar:
+        for path, error in images.items():
+            answer = next(answers) if error is None else ImageError(error)
             if isinstance(answer, EVEError):
                 failed["unreadable"] += 1
                 output.write({"path": str(path), "error": str(answer)})
