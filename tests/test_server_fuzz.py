@@ -21,6 +21,8 @@ import pytest
 from bundled_image import IMAGE as PICTURE
 from processes import ROOT, free_port, http_request, restore_ctrl_c, start_server, stop_server
 
+from mlx_eve.api.fields import SAMPLING_FIELDS  # the fields every endpoint takes: all fuzzed
+
 pytest.importorskip("fastapi")
 
 DEMO = Path(__file__).resolve().parent.parent / "mlx_eve" / "assets" / "eve-shapes"
@@ -28,18 +30,6 @@ IMAGE = "data:image/png;base64,"  # completed with the bundled example image in 
 
 BIG_INT = 10**400  # beyond any integer or float width
 EXTREMES = [0, -1, 2**31, 2**63, 2**64, BIG_INT, 1e308, -1e308, 1e-320, "x" * 100_000, "\ud800", "", [], {}, True]
-SAMPLING = [
-    "temperature",
-    "top_p",
-    "top_k",
-    "min_p",
-    "seed",
-    "repetition_penalty",
-    "repetition_context_size",
-    "presence_penalty",
-    "frequency_penalty",
-    "logit_bias",
-]
 # Each endpoint: a valid streamed request of 4 tokens, and the fields to fuzz beside the sampling ones (a dotted
 # path reaches into the first message).
 ENDPOINTS = {
@@ -185,7 +175,7 @@ def test_extreme_values_in_every_field_are_client_errors_and_harm_nobody(server,
     cases = [
         (path, field, value)
         for path, (_, fields) in ENDPOINTS.items()
-        for field in SAMPLING + fields
+        for field in SAMPLING_FIELDS + tuple(fields)
         for value in EXTREMES
     ]
     results = []
