@@ -1,8 +1,9 @@
 """Serving many requests at once: continuous batching with mlx-lm's ``BatchGenerator``, and a prompt cache.
 
-Each request is prefilled on its own (its images go through the patch embedding, as ``input_embeddings``)
-into its own KV cache, which then joins the running decode batch (``BatchGenerator.insert(..., caches=)``):
-EVE's decode steps are text only, so every family decodes batched exactly like its mlx-lm text model. When a
+The requests that join together are prefilled together by the generator, in chunks between decode steps, their
+images' embeddings given to it as virtual token ids (``batching.py``); EVE's decode steps are text only, so every
+family decodes batched exactly like its mlx-lm text model. What a prompt cache holds of a prompt is not prefilled
+again (``BatchGenerator.insert(..., caches=)``). When a
 request ends, its KV cache goes to an LRU prompt cache (mlx-lm's ``LRUPromptCache``, bounded in bytes) keyed
 by its tokens, with each image's tokens standing for a hash of its pixels: a chat client that resends the
 conversation reuses the cache instead of reading the image again.
@@ -32,13 +33,17 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 import mlx.core as mx
 import numpy as np
 from mlx_lm.generate import BatchGenerator
-from mlx_lm.models.cache import LRUPromptCache, make_prompt_cache
+from mlx_lm.models.cache import LRUPromptCache, can_trim_prompt_cache
 
+from .batching import EVEBatchGenerator, ImageEmbeddings, text_ids
 from .broadcast import Plan, broadcast_plan
+from .disk_cache import DiskPromptCache, prefix_of
 from .errors import EVEError
 from .image import ImageInput
+from .memory import MemoryBudget, default_limit, describe
+from .models import IMAGE_TOKEN_ID
 from .models.base import EVEModel, image_spans
-from .prefill import Prefill, reuse_prefix
+from .prefill import reuse_prefix
 from .processor import ModelInputs, Processor, Prompt
 from .request import Request, SamplingParams
 from .structured import GrammarError, check_grammar
@@ -48,6 +53,10 @@ logger = logging.getLogger(__name__)
 
 class QueueFullError(EVEError, RuntimeError):
     """The engine already holds as many requests as it was allowed to queue."""
+
+
+class RequestTooLargeError(EVEError, ValueError):
+    """A request that would need more memory than the engine may ever give one."""
 
 
 class EngineStoppedError(EVEError, RuntimeError):
@@ -123,7 +132,12 @@ class Engine:
     """Continuous batching for one model: ``submit`` requests from any thread, read their ``Stream``s.
 
     ``max_batch_size`` requests decode together; up to ``max_queued`` more wait (``QueueFullError`` beyond).
-    Finished requests leave their KV cache in a prompt cache of at most ``prompt_cache_bytes``.
+    A request joins the batch only when the memory it may hold (``memory.py``) fits, with what the others hold,
+    within ``max_memory`` (default: ``memory.DEFAULT_SHARE`` of the machine's) beside the model and the prompt
+    cache; it waits until then, and one that could never fit is refused (``RequestTooLargeError``).
+    Finished requests leave their KV cache in a prompt cache of at most ``prompt_cache_bytes``; with a
+    ``disk_cache``, the KV cache of each image prompt up to its last image is also kept there, for the next
+    question about the same images, after a restart too.
 
     ``group``: the group ``model`` is sharded over. Every rank makes an engine with the same settings (their KV
     caches are the same size, so their prompt caches keep and evict alike); rank 0's takes the requests and its
@@ -138,6 +152,8 @@ class Engine:
         max_batch_size: int = 8,
         max_queued: int = 64,
         prompt_cache_bytes: int = 1 << 30,
+        disk_cache: Optional[DiskPromptCache] = None,
+        max_memory: Optional[int] = None,
         prefill_step_size: int = 2048,
         group: Optional[mx.distributed.Group] = None,
     ):
@@ -145,7 +161,17 @@ class Engine:
         self.max_batch_size, self.max_queued = max_batch_size, max_queued
         self.prefill_step_size = prefill_step_size
         self.prompt_cache = LRUPromptCache(max_size=1 << 20, max_bytes=prompt_cache_bytes)
+        limit = default_limit() if max_memory is None else max_memory
+        self.memory = MemoryBudget.of(model, limit, prompt_cache_bytes, prefill_step_size)
+        if self.memory.for_requests <= 0:
+            raise EVEError(
+                f"The memory limit, {describe(limit)}, leaves nothing for requests: the model and the prompt cache "
+                f"take {describe(self.memory.fixed)}."
+            )
         self.group = group if group is not None and group.size() > 1 else None
+        if disk_cache is not None and self.group is not None:
+            raise EVEError("A prompt cache on disk is for one process: every rank's KV caches must stay alike.")
+        self.disk_cache = disk_cache
         self.leader = self.group is None or self.group.rank() == 0
         self._inbox: "queue.Queue[Optional[Request]]" = queue.Queue()
         self._lock = threading.Lock()
@@ -154,6 +180,7 @@ class Engine:
         self._closed = False  # by ``close``
         self._stopped = False  # the engine thread has ended (after ``close``, or on an error)
         self._failure: Optional[BaseException] = None
+        self._deferred: Optional[Request] = None  # the oldest waiting request, if there was no memory for it
         self._stream: Optional[mx.Stream] = None
         self._generator: Optional[BatchGenerator] = None
         self._thread = threading.Thread(target=self._run, name="mlx-eve-engine", daemon=True)
@@ -183,6 +210,13 @@ class Engine:
         room = self.processor.context_length - inputs.input_ids.size  # at least 1: the processor checked
         params = replace(params, max_tokens=min(params.max_tokens, room))
         request = Request(inputs, params, _cache_key(inputs))
+        request.reserved = self.memory.request_bytes(inputs.input_ids.size, params.max_tokens, inputs.image_tokens)
+        if request.reserved > self.memory.for_requests:
+            raise RequestTooLargeError(
+                f"This request needs up to {describe(request.reserved)} of memory ({inputs.input_ids.size} prompt "
+                f"tokens, {params.max_tokens} to generate), more than the {describe(self.memory.for_requests)} "
+                "the server's memory limit leaves for requests: shorten it, or ask for fewer tokens."
+            )
         with self._lock:  # the engine thread drains the inbox once it has stopped, under this lock
             if self._closed or self._stopped:
                 raise EngineStoppedError(self._stopped_reason())
@@ -251,7 +285,7 @@ class Engine:
         finally:
             with self._lock:
                 self._stopped = True
-            unfinished = list(running.values())
+            unfinished = list(running.values()) + [self._deferred]
             while not self._inbox.empty():
                 unfinished.append(self._inbox.get())
             stopped = EngineStoppedError(self._stopped_reason())
@@ -263,11 +297,13 @@ class Engine:
             mx.clear_streams()
 
     def _new_generator(self) -> BatchGenerator:
-        return BatchGenerator(
+        self._images = ImageEmbeddings(self.max_batch_size)
+        return EVEBatchGenerator(
             self.model,
+            self._images,
             stop_tokens=[[t] for t in self.processor.tokenizer.eos_token_ids],
             completion_batch_size=self.max_batch_size,
-            prefill_batch_size=1,
+            prefill_batch_size=self.max_batch_size,
             prefill_step_size=self.prefill_step_size,
             stream=self._stream,
         )
@@ -283,8 +319,10 @@ class Engine:
         for request in plan.admitted:
             self._admit(request, running)
         for uid in plan.cancelled:
-            if running.pop(uid, None) is not None:
+            request = running.pop(uid, None)
+            if request is not None:
                 self._generator.remove([uid])
+                self._images.release(request.slot)
         if running:
             self._step(running)
         elif not self.leader:
@@ -325,6 +363,7 @@ class Engine:
         logger.error("Request %d failed", request.uid, exc_info=request.failure)
         running.pop(request.uid, None)
         self._generator.remove([request.uid])
+        self._images.release(request.slot)
         request.events.put(RequestFailedError(f"Generating the answer failed: {request.failure}"))
 
     def _decide(self, running: Dict[int, Request]) -> Plan:
@@ -334,37 +373,53 @@ class Engine:
             return Plan(close=True)
         admitted: List[Request] = []
         idle = _IDLE_ROUND_S if self.group is not None else None
+        held = sum(r.reserved for r in running.values())
         while len(running) + len(admitted) < self.max_batch_size:
-            try:
-                request = self._inbox.get(block=not running and not admitted, timeout=idle)
-            except queue.Empty:
-                break
+            request, self._deferred = self._deferred, None
+            if request is None:
+                try:
+                    request = self._inbox.get(block=not running and not admitted, timeout=idle)
+                except queue.Empty:
+                    break
             if request is None:
                 for request in admitted:  # back in the inbox, whose requests all end with an error when closing
                     self._inbox.put(request)
                 return Plan(close=True)
+            if (running or admitted) and held + request.reserved > self.memory.for_requests:
+                self._deferred = request  # the first to join once the memory it needs is free
+                break
             with self._lock:
                 self._waiting -= 1
             if not request.cancelled:
                 admitted.append(request)
+                held += request.reserved
         cancelled = [uid for uid, request in running.items() if request.cancelled]
         # A request cancelled from now on is in ``running`` by the next round; one cancelled until now never starts.
         return Plan([r for r in admitted if not r.cancelled], cancelled)
 
     def _admit(self, request: Request, running: Dict[int, Request]) -> None:
+        """The request into the generator, which prefills it with the others that join now, in chunks between
+        decode steps: its prompt less what the prompt cache holds, its image tokens as virtual ids
+        (``batching.py``)."""
         params = request.params
+        request.admitted = time.perf_counter()
         try:
             processors = [_guarded(p, request, _unchanged) for p in params.logits_processors(self.processor.tokenizer)]
             sampler = _guarded(params.sampler(), request, _greedy)
-            cache, prefill = self._prefill(request)
+            cache, reused = self._cached(request)
+            ids = np.asarray(request.inputs.input_ids)
+            if (ids[reused:] == IMAGE_TOKEN_ID).any():
+                features = mx.concatenate([self.model.encode_image(p) for p in request.inputs.pixel_values])
+                mx.eval(features)
+                request.slot, ids = self._images.add(ids, features)
             if params.seed is not None:
                 mx.random.seed(params.seed)
             (request.uid,) = self._generator.insert(
-                [[request.inputs.input_ids[-1].item()]],
+                [ids[reused:].tolist()],
                 max_tokens=[params.max_tokens],
                 caches=[cache],
-                # Penalties see the prompt's text: these ids, then the last prompt token, which the generator feeds.
-                all_tokens=[prefill.text_ids[:-1]],
+                # Penalties see the prompt's text: the cached part's, then what the generator feeds of the rest.
+                all_tokens=[text_ids(ids[:reused].tolist())],
                 samplers=[sampler],
                 logits_processors=[processors],
             )
@@ -372,33 +427,28 @@ class Engine:
             # Every rank fails alike: the request was checked on submit, so what is left to fail is the same
             # computation on the same inputs. Only a failure of one rank alone (out of memory) breaks the step.
             logger.error("A request failed before its first token", exc_info=error)
+            self._images.release(request.slot)
             request.events.put(
                 error if isinstance(error, EVEError) else RequestFailedError(f"Reading the prompt failed: {error}")
             )
             return
+        request.cached_tokens = reused
         request.detokenizer = self.processor.tokenizer.detokenizer
-        request.started = time.perf_counter()
         running[request.uid] = request
 
-    def _prefill(self, request: Request) -> Tuple[List[Any], Prefill]:
-        """A KV cache holding every prompt token but the last, which the generator feeds: what the prompt cache
-        has, plus the rest."""
-        tic = time.perf_counter()
+    def _cached(self, request: Request) -> Tuple[Optional[List[Any]], int]:
+        """The prompt cache's KV cache of the longest start of the prompt it holds (at most all but its last token,
+        which the generator feeds), and how many tokens that is; ``None, 0`` if it holds none."""
         cache, rest = self.prompt_cache.fetch_nearest_cache(_MODEL, request.key)
         held = request.key[: len(request.key) - len(rest)]
         reused = 0 if cache is None else reuse_prefix(cache, held, request.key)
-        if not reused:
-            cache = make_prompt_cache(self.model)
-        prefill = Prefill(request.inputs, reused)
-        todo, embeddings = prefill.ids[:-1], prefill.input_embeddings(self.model)
-        for start in range(0, todo.size, self.prefill_step_size):
-            end = min(start + self.prefill_step_size, todo.size)
-            chunk = None if embeddings is None else embeddings[None, start:end]
-            self.model(todo[None, start:end], cache=cache, input_embeddings=chunk)
-            mx.eval([c.state for c in cache])
-        request.cached_tokens = reused
-        request.prompt_seconds = time.perf_counter() - tic
-        return cache, prefill
+        if self.disk_cache is not None and self.disk_cache.held(request.key) > reused:
+            found = self.disk_cache.fetch(request.key)
+            if found is not None:
+                on_disk = reuse_prefix(found[1], request.key[: found[0]], request.key)
+                if on_disk > reused:
+                    cache, reused = found[1], on_disk
+        return (cache if reused else None), reused
 
     def _deliver(self, response, running: Dict[int, Request]) -> None:
         """Hand one generated token to its request: text (held back while it may begin a stop string),
@@ -406,6 +456,10 @@ class Engine:
         request = running[response.uid]
         params, tokenizer = request.params, self.processor.tokenizer
         finish = response.finish_reason
+        if not request.generated:  # the prompt is prefilled: its image embeddings are done with
+            request.started = time.perf_counter()
+            request.prompt_seconds = request.started - request.admitted
+            self._images.release(request.slot)
         request.generated.append(response.token)
         if not (finish == "stop" and response.token in tokenizer.eos_token_ids):
             request.detokenizer.add_token(response.token)
@@ -429,8 +483,19 @@ class Engine:
         if finish is not None:
             del running[response.uid]
             event.finish_reason, event.usage, event.stop = finish, self._usage(request), stop
+            self._keep_image_prefix(request, cache)
             self.prompt_cache.insert_cache(_MODEL, request.key + request.generated, cache)
         request.events.put(event)
+
+    def _keep_image_prefix(self, request: Request, cache: List[Any]) -> None:
+        """With a disk cache, the KV cache of the prompt up to its last image: what another question about the same
+        images starts with."""
+        spans = image_spans(request.inputs.input_ids)
+        if self.disk_cache is None or not spans or not can_trim_prompt_cache(cache):
+            return
+        end = spans[-1][1]
+        if self.disk_cache.held(request.key[:end]) < end:
+            self.disk_cache.store(request.key[:end], prefix_of(cache, end))
 
     def _usage(self, request: Request) -> Usage:
         return Usage(

@@ -140,8 +140,11 @@ class Request:
     uid: Optional[int] = None
     cancelled: bool = False
     cached_tokens: int = 0
+    reserved: int = 0  # the memory it may hold at its peak (``memory.py``)
+    slot: Optional[int] = None  # where the generator finds its image embeddings while it is prefilled
+    admitted: float = 0.0  # when it joined the generator
     prompt_seconds: float = 0.0
-    started: float = 0.0
+    started: float = 0.0  # when its first token came
     generated: List[int] = field(default_factory=list)
     text: str = ""  # the answer so far
     sent: int = 0  # characters of ``text`` already handed out

@@ -155,3 +155,47 @@ def test_closing_ends_every_stream(model):
     for stream in (running, waiting):
         with pytest.raises(Exception, match="shut down"):
             list(stream)
+
+
+def test_requests_that_arrive_together_are_prefilled_together(model, monkeypatch):
+    """Text and image prompts of different lengths, images of different sizes, one whose start the prompt cache
+    holds: one prompt batch, in chunks, and each greedy answer ``generate``'s."""
+    import threading
+
+    from mlx_eve import batching
+
+    prompts = [
+        ("What is it?", [RED]),
+        ("Hello there, how are you today?", None),
+        ("Describe both.", [BLUE, picture((150, 300), (0, 150, 0), (20, 20, 120, 200))]),
+        ("Hi", None),
+    ]
+    params = SamplingParams(max_tokens=10)
+    alone = [generate(*model, p, image=i, max_tokens=10) for p, i in prompts]
+    engine = Engine(*model, max_batch_size=4, prefill_step_size=16)
+    try:
+        list(engine.submit(*prompts[0], params))  # its prompt is then in the prompt cache
+        decide, release = engine._decide, threading.Event()
+
+        def all_at_once(running):
+            release.wait(10)
+            return decide(running)
+
+        engine._decide = all_at_once
+        shapes = []
+        prefill = batching.PrefillModel.__call__
+        monkeypatch.setattr(
+            batching.PrefillModel,
+            "__call__",
+            lambda self, x, cache=None: shapes.append(x.shape) or prefill(self, x, cache),
+        )
+        streams = [engine.submit(p, i, params) for p, i in prompts]
+        release.set()
+        events = [list(s) for s in streams]
+        assert ["".join(e.text for e in answer) for answer in events] == alone
+        first = events[0][-1].usage
+        assert first.cached_tokens == first.prompt_tokens - 1  # the others share no more than the system prompt
+        # The cached one only has its last token to feed; the three others are prefilled as one batch, in chunks.
+        assert max(rows for rows, _ in shapes) == 3 and len(shapes) > 3
+    finally:
+        engine.close()

@@ -7,7 +7,7 @@ import threading
 import pytest
 from mlx_lm.sample_utils import make_sampler
 
-from mlx_eve import generate
+from mlx_eve import batching, generate
 from mlx_eve.engine import Engine, EngineStoppedError, RequestFailedError
 from mlx_eve.errors import EVEError
 from mlx_eve.request import SamplingError, SamplingParams
@@ -123,28 +123,33 @@ def test_a_request_that_fails_in_the_step_fails_alone(model, failing):
         engine.close()
 
 
-def test_cancelling_at_every_stage_leaves_the_batch_intact(model):
+def test_cancelling_at_every_stage_leaves_the_batch_intact(model, monkeypatch):
     greedy = SamplingParams(max_tokens=12)
-    engine = Engine(*model, max_batch_size=4)
+    # Prompts prefilled 8 tokens at a time, a round each: a cancellation can come in the middle of a prefill.
+    engine = Engine(*model, max_batch_size=4, prefill_step_size=8)
     try:
         alone = [text(engine.submit(p, params=greedy)) for p in NEIGHBOURS]
-        prefill = engine._prefill
+        prefill, calls = batching.PrefillModel.__call__, []
 
-        def cancelled_during_prefill(request):
-            if request.params.max_tokens == 7:
+        def cancelled_during_prefill(self, inputs, cache=None):
+            calls.append(inputs.shape)
+            if len(calls) == 2:  # the batch's second chunk: the prefill has begun, and goes on
                 cancelled.cancel()
-            return prefill(request)
+            return prefill(self, inputs, cache)
 
-        engine._prefill = cancelled_during_prefill
+        monkeypatch.setattr(batching.PrefillModel, "__call__", cancelled_during_prefill)
         before_admission = engine.submit("Never started.", params=SamplingParams(max_tokens=5))
         before_admission.cancel()
-        cancelled = engine.submit("Cancelled in its prefill.", params=SamplingParams(max_tokens=7))
+        cancelled = engine.submit(
+            "Cancelled in its prefill, a long prompt indeed.", params=SamplingParams(max_tokens=7)
+        )
         streams = [engine.submit(p, params=greedy) for p in NEIGHBOURS]
         first_token = engine.submit("Cancelled after one token.", params=SamplingParams(max_tokens=50))
         next(iter(first_token))
         first_token.cancel()
         assert [text(s) for s in streams] == alone
         assert list(before_admission) == [] and list(cancelled) == []
+        assert len(calls) > 2  # in several chunks
         text(engine.submit("Hi", params=SamplingParams(max_tokens=2)))
         assert engine.running == 0 and engine.waiting == 0
     finally:

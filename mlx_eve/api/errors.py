@@ -2,7 +2,7 @@
 
 from typing import Any, Dict, Mapping, Optional
 
-from ..engine import EngineStoppedError, QueueFullError, RequestFailedError
+from ..engine import EngineStoppedError, QueueFullError, RequestFailedError, RequestTooLargeError
 from ..errors import EVEError, ImageError, PromptTooLongError
 from ..request import SamplingError
 from ..structured import GrammarError
@@ -41,6 +41,8 @@ def _api_error(error: EVEError) -> APIError:
         return APIError(400, str(error), "messages", "context_length_exceeded")
     if isinstance(error, GrammarError):
         return APIError(400, str(error), "response_format", "invalid_response_format")
+    if isinstance(error, RequestTooLargeError):
+        return APIError(413, str(error), "max_tokens", "request_too_large")
     if isinstance(error, SamplingError):
         return APIError(400, str(error), error.field)
     if isinstance(error, RequestFailedError):
