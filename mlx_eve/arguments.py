@@ -32,6 +32,19 @@ def number(kind: type, wanted: str, ok: Callable[[float], bool] = lambda value: 
     return convert
 
 
+def size_in_bytes(text: str) -> int:
+    """An option type: a number of bytes, or of KiB, MiB, GiB with the suffix K, M or G (``16G``)."""
+    units = {"K": 2**10, "M": 2**20, "G": 2**30}
+    scale = units.get(text[-1:].upper(), 1)
+    try:
+        value = float(text[:-1] if scale > 1 else text) * scale
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value >= 1):
+        raise argparse.ArgumentTypeError(f"expected a size in bytes, or with K, M or G (16G), got {text!r}")
+    return int(value)
+
+
 def existing(what: str, exists: Callable[[Path], bool]) -> Callable[[str], Path]:
     """An option type: a path that must exist as ``what``."""
 

@@ -18,6 +18,7 @@ import mlx.core as mx
 import uvicorn
 from uvicorn.logging import DefaultFormatter
 
+from ..disk_cache import DiskPromptCache, model_identity
 from ..engine import Engine
 from ..errors import EVEError
 from ..loading import load
@@ -169,11 +170,19 @@ def load_model(args: argparse.Namespace, group: mx.distributed.Group) -> Tuple[E
 
 def make_engine(model: EVEModel, processor: Processor, args: argparse.Namespace, group: mx.distributed.Group) -> Engine:
     """The same engine on every rank: they must batch, and keep KV caches, alike."""
-    return Engine(
+    disk_cache = None
+    if args.prompt_cache_dir is not None:
+        identity = model_identity(model, processor, args.adapter_path)
+        disk_cache = DiskPromptCache(args.prompt_cache_dir, args.prompt_cache_dir_bytes, identity)
+    engine = Engine(
         model,
         processor,
         max_batch_size=args.max_batch_size,
         max_queued=args.max_queued,
         prompt_cache_bytes=args.prompt_cache_bytes,
+        disk_cache=disk_cache,
+        max_memory=args.max_memory,
         group=group,
     )
+    mx.set_memory_limit(engine.memory.limit)  # MLX frees its buffer cache, or waits, before it goes beyond
+    return engine

@@ -5,9 +5,10 @@ python -m mlx_eve.server --model BAAI/EVE-7B-HD-v2.0    # http://127.0.0.1:8080/
 
 import argparse
 import os
+from pathlib import Path
 from typing import List, Optional
 
-from ..arguments import COUNT, NON_NEGATIVE_INT, PORT, POSITIVE, ArgumentParser, add_model_options
+from ..arguments import COUNT, NON_NEGATIVE_INT, PORT, POSITIVE, ArgumentParser, add_model_options, size_in_bytes
 from ..errors import run_cli
 from . import require
 
@@ -50,6 +51,26 @@ def build_parser() -> argparse.ArgumentParser:
         type=NON_NEGATIVE_INT,
         default=2**30,
         help="Memory for KV caches kept for reuse by later requests (default 1 GiB; 0: none).",
+    )
+    add(
+        "--prompt-cache-dir",
+        type=Path,
+        metavar="FOLDER",
+        help="Keep the KV caches of image prompts in FOLDER too, across restarts (default: none).",
+    )
+    add(
+        "--prompt-cache-dir-bytes",
+        type=COUNT,
+        default=10 * 2**30,
+        help="Largest size of --prompt-cache-dir; the least recently used files go first (default 10 GiB).",
+    )
+    add(
+        "--max-memory",
+        type=size_in_bytes,
+        metavar="SIZE",
+        help="Memory the server may use (bytes, or 24G): a request is admitted only when the KV cache it may grow to "
+        "and its prefill fit beside the model, the prompt cache and the others; one that never can is refused (413). "
+        "Default: 75%% of the machine's (Metal: of its recommended working set).",
     )
     add("--max-batch-size", type=COUNT, default=8, help="Requests decoded together (default 8).")
     add("--max-queued", type=COUNT, default=64, help="Requests waiting beyond the batch before 503 (default 64).")
