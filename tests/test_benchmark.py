@@ -1,5 +1,6 @@
-"""The benchmark: a tiny end-to-end run, the mlx-lm baseline's shared weights, and the reference blend it times
-our split layers against (which must compute the same thing). No timing is asserted."""
+"""The benchmarks: a tiny end-to-end run, the mlx-lm baseline's shared weights, and the reference blend it times
+our split layers against (which must compute the same thing); the serving benchmark's two servers on the same
+tokens. No timing is asserted."""
 
 import json
 import sys
@@ -12,6 +13,7 @@ from mlx.utils import tree_flatten
 from mlx_lm.models.cache import make_prompt_cache
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+import serving  # noqa: E402
 import speed as benchmark  # noqa: E402
 
 from mlx_eve.image_processing import AnyPixelProcessor, AnyRatioProcessor
@@ -126,3 +128,45 @@ def test_depth_extrapolation_of_patch_share_and_memory():
     assert cut.patch_share(prefill) == pytest.approx(1 / 25)
     assert cut.memory_ratio("eve") == pytest.approx((4000 + 100 + 300) / (4000 + 300))
     assert cut.memory_ratio("lm") == pytest.approx((2200 + 100 + 300) / (2200 + 300))
+
+
+def test_serving_benchmark_runs_both_servers_on_the_same_tokens(tmp_path, capsys):
+    out = tmp_path / "serving.json"
+    argv = ["--shape", "v2-tiny", "--streams", "1", "2", "--image-streams", "2", "--image-size", "64",
+            "--prompt-tokens", "20", "--max-tokens", "6", "--work-dir", str(tmp_path / "models"),
+            "--json", str(out)]  # fmt: skip
+    assert serving.main(argv) == 0
+    printed = capsys.readouterr().out
+    results = json.loads(out.read_text())
+    eve, lm = results["text"]["mlx-eve"], results["text"]["mlx-lm"]
+    assert list(eve) == list(lm) == ["1", "2"] and list(results["image"]) == ["2"]
+    for n in ("1", "2"):
+        assert eve[n]["tokens"] == lm[n]["tokens"] == [6] * int(n)
+        assert eve[n]["prompt_tokens"] == lm[n]["prompt_tokens"] and len(set(eve[n]["prompt_tokens"])) == 1
+        assert eve[n]["aggregate_tps"] > 0 and lm[n]["decode_tps"] > 0 and eve[n]["ttft_spread"] >= 0
+    # A 64² image is 7 embeddings; the "\n" after it and the space before it are tokens of their own.
+    image_tokens = benchmark.image_tokens(64, benchmark.token_stride(benchmark.SHAPES["v2-tiny"].config))
+    assert results["image"]["2"]["prompt_tokens"] == [eve["1"]["prompt_tokens"][0] + image_tokens + 2] * 2
+    assert results["token_count_problems"] == [] and "the same on both sides, every answer full" in printed
+    assert printed.count("| 2 | mlx-eve |") == 2 and "| 2 | mlx-lm |" in printed and "mlx-eve ÷ mlx-lm" in printed
+
+
+def test_the_serving_benchmarks_mlx_lm_folder_holds_the_eve_text_weights(tmp_path):
+    built = serving.write_folders("v2-tiny", None, "float32", 64, tmp_path)
+    eve = mx.load(str(tmp_path / "eve" / "model.safetensors"))
+    lm = mx.load(str(tmp_path / "mlx-lm" / "model.safetensors"))
+    assert any(".moe_" in k for k in eve) and not any(".moe_" in k or "vision_tower" in k for k in lm)
+    assert lm.keys() < eve.keys() and all(mx.array_equal(lm[k], eve[k]).item() for k in lm)
+    vocab = built["config"]["vocab_size"]
+    assert built["tokenizer"].get_vocab_size() == vocab == eve["model.embed_tokens.weight"].shape[0]
+    # Every id the model can pick is text.
+    assert all(built["tokenizer"].decode([i], skip_special_tokens=False) for i in range(vocab))
+    text = serving.prompt_text(built["tokenizer"], 37, np.random.default_rng(1))
+    assert len(built["tokenizer"].encode(text).ids) == 37
+
+
+def test_the_serving_benchmark_refuses_a_bad_option_in_one_line(capsys):
+    with pytest.raises(SystemExit) as stopped:
+        serving.main(["--streams", "0"])
+    assert stopped.value.code == 2
+    assert capsys.readouterr().err == "error: argument --streams: expected an integer >= 1, got '0'\n"
