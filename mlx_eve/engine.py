@@ -126,6 +126,10 @@ _MODEL = "model"
 # With several ranks, how long an idle round lasts: rank 0 sends a plan at least this often, and the others sleep
 # between idle rounds rather than wait inside ``all_sum``, which keeps a core busy while it waits.
 _IDLE_ROUND_S = 0.05
+# An idle engine that receives a request waits at most this long for others that arrive with it, each within
+# _ARRIVALS_S of the one before.
+_GATHER_S = 0.1
+_ARRIVALS_S = 0.01
 
 
 class Engine:
@@ -175,6 +179,8 @@ class Engine:
         self.leader = self.group is None or self.group.rank() == 0
         self._inbox: "queue.Queue[Optional[Request]]" = queue.Queue()
         self._lock = threading.Lock()
+        self._arrived = threading.Condition(self._lock)  # a submission has ended (queued or refused)
+        self._submitting = 0  # requests in ``submit`` now, being read
         self._waiting = 0  # submitted, not yet in the batch
         self._running = 0  # in the batch, as the engine thread counted them after its last round
         self._closed = False  # by ``close``
@@ -198,6 +204,16 @@ class Engine:
         """Queue a request. The prompt, images and settings are checked here, in the caller's thread: ``PromptError``,
         ``ImageError``, ``PromptTooLongError`` or ``SamplingError`` for a bad request, ``QueueFullError`` when the
         queue is full, ``EngineStoppedError`` once the engine has stopped."""
+        with self._lock:
+            self._submitting += 1
+        try:
+            return self._submit(prompt, images, params, system_prompt, max_size)
+        finally:
+            with self._arrived:
+                self._submitting -= 1
+                self._arrived.notify_all()
+
+    def _submit(self, prompt, images, params, system_prompt, max_size) -> Stream:
         if not self.leader:
             raise EVEError("Only rank 0 of the group takes requests.")
         params = params or SamplingParams()
@@ -374,13 +390,16 @@ class Engine:
         admitted: List[Request] = []
         idle = _IDLE_ROUND_S if self.group is not None else None
         held = sum(r.reserved for r in running.values())
+        gathering = None  # till when an engine that was idle waits for more requests to prefill with the first
         while len(running) + len(admitted) < self.max_batch_size:
             request, self._deferred = self._deferred, None
             if request is None:
                 try:
-                    request = self._inbox.get(block=not running and not admitted, timeout=idle)
+                    request = self._next_request(not running and not admitted, idle, gathering)
                 except queue.Empty:
                     break
+                if not running and gathering is None:
+                    gathering = time.monotonic() + _GATHER_S
             if request is None:
                 for request in admitted:  # back in the inbox, whose requests all end with an error when closing
                     self._inbox.put(request)
@@ -396,6 +415,23 @@ class Engine:
         cancelled = [uid for uid, request in running.items() if request.cancelled]
         # A request cancelled from now on is in ``running`` by the next round; one cancelled until now never starts.
         return Plan([r for r in admitted if not r.cancelled], cancelled)
+
+    def _next_request(self, idle_engine: bool, idle: Optional[float], gathering: Optional[float]) -> Optional[Request]:
+        """The next request of the inbox (``queue.Empty`` if none comes): waiting for one if the engine is idle;
+        until ``gathering`` for requests that arrive with the first one of an idle engine (each within
+        ``_ARRIVALS_S`` of the last, or still being read in ``submit``), so that they are prefilled together rather
+        than the first alone while the others are still being read; else only one already there."""
+        if idle_engine:
+            return self._inbox.get(timeout=idle)
+        while gathering is not None and (left := gathering - time.monotonic()) > 0:
+            try:
+                return self._inbox.get(timeout=min(_ARRIVALS_S, left))
+            except queue.Empty:
+                with self._arrived:
+                    if not self._submitting:
+                        break
+                    self._arrived.wait(left)  # its request is queued once ``submit`` is done
+        return self._inbox.get(block=False)
 
     def _admit(self, request: Request, running: Dict[int, Request]) -> None:
         """The request into the generator, which prefills it with the others that join now, in chunks between

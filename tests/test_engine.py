@@ -199,3 +199,36 @@ def test_requests_that_arrive_together_are_prefilled_together(model, monkeypatch
         assert max(rows for rows, _ in shapes) == 3 and len(shapes) > 3
     finally:
         engine.close()
+
+
+def test_an_idle_engine_prefills_requests_submitted_at_once_together(v2_model, monkeypatch):
+    """Four threads submit at the same moment: the first request does not start alone while the others are still
+    being tokenized, and no answer changes for it."""
+    import threading
+
+    from mlx_eve import batching
+
+    prompts = ["What is it?", "Hello there, how are you today?", "Describe it.", "Hi"]
+    params = SamplingParams(max_tokens=6)
+    alone = [generate(*v2_model, p, max_tokens=6) for p in prompts]
+    shapes, prefill = [], batching.PrefillModel.__call__
+    monkeypatch.setattr(
+        batching.PrefillModel, "__call__", lambda self, x, cache=None: shapes.append(x.shape) or prefill(self, x, cache)
+    )
+    engine = Engine(*v2_model, max_batch_size=4, prompt_cache_bytes=0)
+    try:
+        start, streams = threading.Barrier(len(prompts)), [None] * len(prompts)
+
+        def submit(i):
+            start.wait()
+            streams[i] = engine.submit(prompts[i], params=params)
+
+        threads = [threading.Thread(target=submit, args=(i,)) for i in range(len(prompts))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert ["".join(e.text for e in s) for s in streams] == alone
+        assert shapes[0][0] == len(prompts)
+    finally:
+        engine.close()
