@@ -225,7 +225,7 @@ class Engine:
         inputs = self.processor(prompt, images, system_prompt, max_size)
         room = self.processor.context_length - inputs.input_ids.size  # at least 1: the processor checked
         params = replace(params, max_tokens=min(params.max_tokens, room))
-        request = Request(inputs, params, _cache_key(inputs))
+        request = Request(inputs, params, cache_key(inputs))
         request.reserved = self.memory.request_bytes(inputs.input_ids.size, params.max_tokens, inputs.image_tokens)
         if request.reserved > self.memory.for_requests:
             raise RequestTooLargeError(
@@ -577,7 +577,7 @@ def _greedy(logprobs: mx.array) -> mx.array:
     return mx.argmax(logprobs, axis=-1)
 
 
-def _cache_key(inputs: ModelInputs) -> List[Any]:
+def cache_key(inputs: ModelInputs) -> List[Any]:
     """The prompt's token ids, each image token replaced by a digest of its image as the model will see it
     (pixels and resized size): another picture of the same size must not reuse the cache."""
     key: List[Any] = inputs.input_ids.tolist()

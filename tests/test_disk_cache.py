@@ -16,7 +16,7 @@ from mlx_lm.models.cache import make_prompt_cache
 
 from mlx_eve import disk_cache
 from mlx_eve.disk_cache import DiskPromptCache, model_identity, save_atomically
-from mlx_eve.engine import _cache_key
+from mlx_eve.engine import cache_key
 from mlx_eve.generation import generate_from_inputs
 from mlx_eve.models.base import image_spans
 
@@ -30,7 +30,7 @@ def setup(v2_model, images):
     model, processor = v2_model
     inputs = processor("What is in the image?", images=[images["wide"]])
     image_end = image_spans(inputs.input_ids)[-1][1]
-    return model, processor, model_identity(model, processor), inputs, _cache_key(inputs), image_end
+    return model, processor, model_identity(model, processor), inputs, cache_key(inputs), image_end
 
 
 def prefilled(model, inputs, tokens):
@@ -70,13 +70,13 @@ def test_fetch_finds_the_longest_stored_prefix(setup, tmp_path, images):
     cache.store(key[:image_end], prefilled(model, inputs, image_end))
     cache.store(key[: image_end + 3], prefilled(model, inputs, image_end + 3))
     assert cache.fetch(key)[0] == image_end + 3
-    other_question = _cache_key(processor("Which colours are there?", images=[images["wide"]]))
+    other_question = cache_key(processor("Which colours are there?", images=[images["wide"]]))
     assert (
         other_question[: image_end + 1] == key[: image_end + 1]
         and other_question[: image_end + 3] != key[: image_end + 3]
     )
     assert cache.fetch(other_question)[0] == image_end
-    other_image = _cache_key(processor("What is in the image?", images=[images["tall"]]))
+    other_image = cache_key(processor("What is in the image?", images=[images["tall"]]))
     assert cache.fetch(other_image) is None
     assert cache.fetch(key[: image_end - 1]) is None
 

@@ -28,7 +28,7 @@ from mlx_eve import load
 from mlx_eve.api.chat_completions import parse_chat_request
 from mlx_eve.api.serving import ServerSettings
 from mlx_eve.broadcast import Plan, decode_plan, encode_plan, pack, unpack
-from mlx_eve.engine import Engine, _cache_key
+from mlx_eve.engine import Engine, cache_key
 from mlx_eve.image_fetching import read_image
 from mlx_eve.request import Request, SamplingParams
 from mlx_eve.structured import json_schema_grammar
@@ -77,7 +77,7 @@ def test_plan_round_trip(v2_model, images):
         logit_bias=((3, 1.5), (7, -100.0)),
         grammar=json_schema_grammar({"type": "object", "properties": {"a": {"type": "integer"}}}),
     )
-    requests = [Request(text, SamplingParams(), _cache_key(text)), Request(pictures, params, _cache_key(pictures))]
+    requests = [Request(text, SamplingParams(), cache_key(text)), Request(pictures, params, cache_key(pictures))]
     plan = Plan(requests, cancelled=[3, 7])
     got = decode_plan(encode_plan(plan))
     assert (got.cancelled, got.close) == ([3, 7], False)

@@ -198,11 +198,11 @@ class PromptCacheFile:
         from mlx_lm.models.cache import make_prompt_cache
 
         from ..disk_cache import UnusableCacheFile, model_identity, read_cache
-        from ..engine import _cache_key
+        from ..engine import cache_key
         from ..models.base import image_spans
 
         self.identity = model_identity(model, processor, self.adapter_path)
-        key = _cache_key(inputs)
+        key = cache_key(inputs)
         spans = image_spans(inputs.input_ids)
         self.prefix = key[: min(spans[-1][1] if spans else len(key), len(key) - 1)]
         self.cache = None
