@@ -7,6 +7,7 @@ the reason when either is missing. Set ``MLX_EVE_DOCS_SCREENSHOT=1`` to also ref
 import os
 import re
 import shutil
+import time
 import unicodedata
 from pathlib import Path
 
@@ -106,11 +107,19 @@ def demo_model():
 
 def set_max_tokens(page, value: int) -> None:
     page.locator("#settings > button").first.click()
-    field = page.get_by_label("number input for Max tokens")
-    field.fill(str(value))
-    field.press("Enter")
-    # The slider follows the field once the page has taken the value; a question sent before would not have it.
-    sync_api.expect(page.get_by_label("range slider for Max tokens")).to_have_value(str(value), timeout=WAIT_MS)
+    field, slider = page.get_by_label("number input for Max tokens"), page.get_by_label("range slider for Max tokens")
+    # The slider follows the field once the page has taken the value; a question sent before would not have it. A
+    # value typed while the page is still starting can be lost: it is typed again until the slider shows it.
+    deadline = time.monotonic() + WAIT_MS / 1000
+    while True:
+        field.fill(str(value))
+        field.press("Enter")
+        try:
+            sync_api.expect(slider).to_have_value(str(value), timeout=5000)
+            return
+        except AssertionError:
+            if time.monotonic() > deadline:
+                raise
 
 
 def ask(page, question: str, image=None) -> str:
