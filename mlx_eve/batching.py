@@ -93,4 +93,8 @@ class EVEBatchGenerator(BatchGenerator):
 
 
 def text_ids(ids: Sequence[int]) -> TextTokens:
-    return TextTokens(t for t in ids if t != IMAGE_TOKEN_ID)
+    """``TextTokens`` of ``ids``, virtual ones among them: a prompt cache's part of a prompt whose image tokens
+    were all made virtual."""
+    tokens = TextTokens()
+    tokens += ids
+    return tokens

@@ -241,19 +241,18 @@ class DiskPromptCache:
 
     def held(self, key: Sequence) -> int:
         """How many tokens of ``key`` the longest stored prefix holds (0: none), from the index alone."""
+        return max((length for length, _ in self._prefixes(key)), default=0)
+
+    def _prefixes(self, key: Sequence) -> List[Tuple[int, str]]:
+        """(length, file name) of each stored entry whose key is a prefix of ``key``."""
         key = tuple(key)
-        return max((len(e.key) for e in self._entries.values() if key[: len(e.key)] == e.key), default=0)
+        return [(len(e.key), name) for name, e in self._entries.items() if key[: len(e.key)] == e.key]
 
     def fetch(self, key: Sequence) -> Optional[Tuple[int, List[Any]]]:
         """The longest stored entry whose key is a prefix of ``key`` (possibly all of it): how many tokens it holds,
         and its KV cache, freshly loaded (the caller may change it). ``None`` when there is none."""
         key = tuple(key)
-        candidates = [
-            (len(e.key), name)
-            for name, e in self._entries.items()
-            if len(e.key) <= len(key) and key[: len(e.key)] == e.key
-        ]
-        for length, name in sorted(candidates, reverse=True):
+        for length, name in sorted(self._prefixes(key), reverse=True):
             path = self.folder / name
             try:
                 stored_key, cache = read_cache(path, self.identity)

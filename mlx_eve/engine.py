@@ -526,12 +526,13 @@ class Engine:
     def _keep_image_prefix(self, request: Request, cache: List[Any]) -> None:
         """With a disk cache, the KV cache of the prompt up to its last image: what another question about the same
         images starts with."""
+        if self.disk_cache is None:
+            return
         spans = image_spans(request.inputs.input_ids)
-        if self.disk_cache is None or not spans or not can_trim_prompt_cache(cache):
+        if not spans or not can_trim_prompt_cache(cache):
             return
         end = spans[-1][1]
-        if self.disk_cache.held(request.key[:end]) < end:
-            self.disk_cache.store(request.key[:end], prefix_of(cache, end))
+        self.disk_cache.store(request.key[:end], prefix_of(cache, end))  # it keeps one copy of each
 
     def _usage(self, request: Request) -> Usage:
         return Usage(

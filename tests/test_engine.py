@@ -232,3 +232,22 @@ def test_an_idle_engine_prefills_requests_submitted_at_once_together(v2_model, m
         assert shapes[0][0] == len(prompts)
     finally:
         engine.close()
+
+
+def test_penalties_see_text_only_when_a_cached_start_holds_an_image_and_the_rest_another(model):
+    """The prompt cache holds the first turn, image and all; the follow-up brings a second image: the penalties of
+    the follow-up see the conversation's text ids only, as ``generate``'s do."""
+    params = SamplingParams(max_tokens=8, repetition_penalty=1.3, presence_penalty=0.5)
+    first = [{"role": "user", "content": "<image>\nWhat is it?"}]
+    engine = Engine(*model)
+    try:
+        answer = "".join(e.text for e in engine.submit(first, [RED], params))
+        conversation = [*first, {"role": "assistant", "content": answer}, {"role": "user", "content": "<image>\nAnd?"}]
+        events = list(engine.submit(conversation, [RED, BLUE], params))
+    finally:
+        engine.close()
+    assert events[-1].usage.cached_tokens > model[1].image_processor.num_tokens(*RED.size)
+    expected = generate(
+        *model, conversation, image=[RED, BLUE], max_tokens=8, repetition_penalty=1.3, presence_penalty=0.5
+    )
+    assert "".join(e.text for e in events) == expected
