@@ -301,16 +301,19 @@ class GradientSteps:
 
     def __init__(self, model: EVEModel, optimizer: optim.Optimizer, loss: Loss, args: TrainingArgs, group):
         self.model, self.optimizer, self.args, self.group = model, optimizer, args, group
-        self.loss_and_grad = nn.value_and_grad(model, lambda m, b, scale: loss(m, b)[0] * scale)
+        self.loss_and_grad = nn.value_and_grad(model, loss)
         self.accumulated = None  # the gradients summed since the last update
 
     def __call__(self, batch: Batch, step: int) -> Tuple[float, int]:
-        """Step ``step`` on ``batch``: the global mean loss (before this step's update) and supervised tokens."""
-        tokens = mx.distributed.all_sum(batch.targets.sum(), stream=mx.cpu)
+        """Step ``step`` on ``batch``: the global mean loss (before this step's update) and the tokens it is
+        the mean over (those the loss counts)."""
+        (summed, count), grads = self.loss_and_grad(self.model, batch)
+        tokens = mx.distributed.all_sum(count, stream=mx.cpu)
         # Each process's summed loss times the process count over the global token count: averaging
         # the gradients over processes gives exactly the gradient of the global mean.
-        step_loss, grads = self.loss_and_grad(self.model, batch, self.group.size() / mx.maximum(tokens, 1))
-        grads = nn.average_gradients(grads, self.group, communication_stream=mx.cpu)
+        scale = self.group.size() / mx.maximum(tokens, 1)
+        step_loss = summed * scale
+        grads = nn.average_gradients(tree_map(lambda g: g * scale, grads), self.group, communication_stream=mx.cpu)
         step_loss = mx.distributed.all_sum(step_loss, stream=mx.cpu) / self.group.size()
         self.accumulated = grads if self.accumulated is None else tree_map(mx.add, self.accumulated, grads)
         if step % self.args.grad_accumulation_steps == 0:
