@@ -69,8 +69,12 @@ def parse_record(record, image_folder: Path) -> Tuple[List[Dict[str, str]], Opti
         turns = [(t.get("from"), t.get("value")) for t in record["conversations"] if isinstance(t, dict)]
     elif "messages" in record:
         turns = [(m.get("role"), _text(m.get("content"))) for m in record["messages"] if isinstance(m, dict)]
+    elif "question" in record:  # the VQA layout `mlx_eve.evaluate` reads: its first answer is the one learnt
+        answers = record.get("answers", record.get("answer"))
+        answer = answers[0] if isinstance(answers, list) and answers else answers
+        turns = [("user", record["question"]), ("assistant", answer)]
     else:
-        raise DataError('no "conversations" (LLaVA) or "messages" (mlx-vlm) list')
+        raise DataError('no "conversations" (LLaVA), "messages" (mlx-vlm) or "question" (VQA)')
     images = record_images(record, image_folder)
     system, messages = None, []
     for role, content in turns:
