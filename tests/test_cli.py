@@ -94,6 +94,7 @@ def test_unreachable_hub_is_a_clear_error(tmp_path):
 
 
 COMMANDS = ["generate", "convert", "lora", "fuse", "app", "server", "caption", "evaluate"]
+COMMANDS += ["awq", "gptq", "dwq", "dynamic_quant"]
 
 
 def test_help_and_argument_errors_need_no_mlx_lm():

@@ -57,6 +57,9 @@ def models(checkpoints, v1_path, tmp_path_factory):
     """Both families, in floating point and converted to 4-bit; EVEv2 also in bfloat16 and EVEv1 as ``.bin``
     (read whole, then split). Every head count divides by 2: EVEv2 with 2 key/value heads, since mlx-lm (and
     so ``shard``) splits heads and does not replicate them."""
+    from test_finetune import write_dataset
+
+    from mlx_eve.commands.learned_quant import gptq_main
     from mlx_eve.conversion import convert
 
     v2_preprocessor = tiny_checkpoints.v2_preprocessor(224)
@@ -66,6 +69,11 @@ def models(checkpoints, v1_path, tmp_path_factory):
     quantized = {
         f"{n}-4bit": convert(str(p), root / n, quantize=True, q_group_size=32) for n, p in [("v1", v1_path), ("v2", v2)]
     }
+    # A learned quantization: GPTQ calibrated on images, 3 bits (the embedding at mlx-lm's 6).
+    data = write_dataset(root / "data", n=8)
+    argv = ["--model", str(v2), "--data-path", str(data), "--mlx-path", str(root / "v2-gptq"), "--bits", "3"]
+    assert gptq_main([*argv, "--group-size", "32", "--fallback-group-size", "32"]) == 0
+    quantized["v2-gptq-3bit"] = root / "v2-gptq"
     return {
         "v1": v1_path,
         "v2": v2,
@@ -90,7 +98,7 @@ def runs(models, images, tmp_path_factory):
     return {name: json.loads((out / f"{name}.json").read_text()) for name in ("1-0", "2-0", "2-1")}
 
 
-@pytest.mark.parametrize("name", ["v1", "v2", "v1-4bit", "v2-4bit", "v2-bf16", "v1-bin"])
+@pytest.mark.parametrize("name", ["v1", "v2", "v1-4bit", "v2-4bit", "v2-gptq-3bit", "v2-bf16", "v1-bin"])
 def test_two_processes_answer_as_one(runs, models, name):
     path = str(models[name])
     one, two, other_rank = (runs[r][path] for r in ("1-0", "2-0", "2-1"))
