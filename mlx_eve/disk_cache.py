@@ -15,14 +15,16 @@ import hashlib
 import json
 import logging
 import os
+import queue
 import struct
+import threading
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import mlx.core as mx
-from mlx.utils import tree_flatten, tree_unflatten
+from mlx.utils import tree_flatten, tree_map, tree_unflatten
 from mlx_lm.models.cache import load_prompt_cache, make_prompt_cache, save_prompt_cache, trim_prompt_cache
 
 from .loading import weight_files
@@ -191,13 +193,20 @@ class _Entry:
 
 class DiskPromptCache:
     """KV caches of prompt prefixes in ``folder``, at most ``max_bytes`` of files, for the model of ``identity``
-    (see ``model_identity``). ``store`` a cache under its prompt-cache key; ``fetch`` the longest stored prefix of
-    a key. The least recently used files go first. Used from one thread; processes may share the folder."""
+    (see ``model_identity``). ``store`` a cache under its prompt-cache key (``store_later``: from a thread of its
+    own, so the caller goes on while the file is written); ``fetch`` the longest stored prefix of a key. The least
+    recently used files go first. Processes may share the folder."""
+
+    # Writes waiting for the writer thread at most; a store beyond that is skipped, the caller never waits.
+    PENDING_WRITES = 2
 
     def __init__(self, folder: Path, max_bytes: int, identity: Dict[str, Any]):
         self.folder, self.max_bytes, self.identity = Path(folder), max_bytes, identity
         self._entries: Dict[str, _Entry] = {}  # by file name
         self._store_failing = False  # warn once when storing starts to fail, not for every store
+        self._lock = threading.RLock()  # the index, shared with the writer thread; never held while a file is written
+        self._writes: "queue.Queue[Optional[Tuple[Tuple[Any, ...], List[Any]]]]" = queue.Queue(self.PENDING_WRITES)
+        self._writer: Optional[threading.Thread] = None
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
             listing = sorted(self.folder.iterdir())
@@ -213,15 +222,18 @@ class DiskPromptCache:
     def _index(self, path: Path) -> None:
         try:
             key = read_key(path, self.identity)
-            self._entries[path.name] = _Entry(key, path.stat().st_size)
+            with self._lock:
+                self._entries[path.name] = _Entry(key, path.stat().st_size)
         except UnusableCacheFile as e:
             self._discard(path, e)
         except OSError:  # deleted meanwhile by another process
-            self._entries.pop(path.name, None)
+            with self._lock:
+                self._entries.pop(path.name, None)
 
     def _discard(self, path: Path, reason: UnusableCacheFile) -> None:
         """Log, once, why a file is not used; delete it unless it is another model's."""
-        self._entries.pop(path.name, None)
+        with self._lock:
+            self._entries.pop(path.name, None)
         if isinstance(reason, ForeignCacheFile):
             logger.warning("Prompt cache file %s is skipped: %s.", path, reason)
             return
@@ -234,10 +246,12 @@ class DiskPromptCache:
     @property
     def nbytes(self) -> int:
         """The size of the files of this model's entries."""
-        return sum(e.size for e in self._entries.values())
+        with self._lock:
+            return sum(e.size for e in self._entries.values())
 
     def __len__(self) -> int:
-        return len(self._entries)
+        with self._lock:
+            return len(self._entries)
 
     def held(self, key: Sequence) -> int:
         """How many tokens of ``key`` the longest stored prefix holds (0: none), from the index alone."""
@@ -246,7 +260,8 @@ class DiskPromptCache:
     def _prefixes(self, key: Sequence) -> List[Tuple[int, str]]:
         """(length, file name) of each stored entry whose key is a prefix of ``key``."""
         key = tuple(key)
-        return [(len(e.key), name) for name, e in self._entries.items() if key[: len(e.key)] == e.key]
+        with self._lock:
+            return [(len(e.key), name) for name, e in self._entries.items() if key[: len(e.key)] == e.key]
 
     def fetch(self, key: Sequence) -> Optional[Tuple[int, List[Any]]]:
         """The longest stored entry whose key is a prefix of ``key`` (possibly all of it): how many tokens it holds,
@@ -277,21 +292,51 @@ class DiskPromptCache:
         folder would exceed ``max_bytes``. An entry larger than that is not kept; a failure is logged."""
         key = tuple(key)
         path = self.folder / _file_name(key)
-        if path.name in self._entries and path.exists():
-            return
         try:
-            state_bytes = sum(a.nbytes for c in cache for a in _arrays(c))
-            if state_bytes > self.max_bytes:
-                return
-            self._evict(self.max_bytes - state_bytes)
-            self._entries[path.name] = _Entry(key, save_atomically(path, cache, self.identity, key))
-            self._evict(self.max_bytes)
+            with self._lock:
+                if path.name in self._entries and path.exists():
+                    return
+                state_bytes = sum(a.nbytes for c in cache for a in _arrays(c))
+                if state_bytes > self.max_bytes:
+                    return
+                self._evict(self.max_bytes - state_bytes)
+            size = save_atomically(path, cache, self.identity, key)
+            with self._lock:
+                self._entries[path.name] = _Entry(key, size)
+                self._evict(self.max_bytes)
         except Exception as e:  # a full disk, a read-only folder: the cache is only an optimisation
             if not self._store_failing:
                 logger.warning("Could not write to the prompt cache in %s: %r", self.folder, e)
             self._store_failing = True
             return
         self._store_failing = False
+
+    def store_later(self, key: Sequence, cache: List[Any], tokens: int) -> None:
+        """``store`` the first ``tokens`` tokens of a trimmable ``cache`` (which holds ``key``'s first ones) from the
+        writer thread. Their arrays are evaluated here, so the caller may go on changing ``cache``; if
+        ``PENDING_WRITES`` wait already, this one is skipped."""
+        key = tuple(key[:tokens])
+        with self._lock:
+            if _file_name(key) in self._entries:
+                return
+        if self._writer is None:
+            self._writer = threading.Thread(target=self._write_pending, name="mlx-eve-disk-cache", daemon=True)
+            self._writer.start()
+        try:
+            self._writes.put_nowait((key, snapshot(cache, tokens)))
+        except queue.Full:
+            pass
+
+    def _write_pending(self) -> None:
+        while (job := self._writes.get()) is not None:
+            self.store(*job)
+
+    def close(self) -> None:
+        """Finish the writes ``store_later`` queued, then stop the writer thread."""
+        if self._writer is not None:
+            self._writes.put(None)
+            self._writer.join()
+            self._writer = None
 
     def _evict(self, room: int) -> None:
         """Delete the least recently used entries until they take at most ``room`` bytes."""
@@ -318,6 +363,20 @@ def prefix_of(cache: List[Any], tokens: int) -> List[Any]:
     """A view of a trimmable ``cache`` that holds only its first ``tokens`` tokens (its arrays shared)."""
     view = [copy.copy(c) for c in cache]
     trim_prompt_cache(view, view[0].offset - tokens)
+    return view
+
+
+def snapshot(cache: List[Any], tokens: int) -> List[Any]:
+    """The first ``tokens`` tokens of a trimmable ``cache`` as a cache of their own: copies, evaluated, so that
+    updates of ``cache`` in place leave it as it is and another thread can write it without evaluating anything."""
+
+    def first_tokens(a: Any) -> Any:
+        return mx.contiguous(a[..., :tokens, :]) if isinstance(a, mx.array) and a.ndim == 4 else a
+
+    view = prefix_of(cache, tokens)
+    for c in view:
+        c.state = tree_map(first_tokens, c.state)
+    mx.eval([c.state for c in view])
     return view
 
 

@@ -37,7 +37,7 @@ from mlx_lm.models.cache import LRUPromptCache, can_trim_prompt_cache
 
 from .batching import EVEBatchGenerator, ImageEmbeddings, text_ids
 from .broadcast import Plan, broadcast_plan
-from .disk_cache import DiskPromptCache, prefix_of
+from .disk_cache import DiskPromptCache
 from .errors import EVEError
 from .image import ImageInput
 from .memory import MemoryBudget, default_limit, describe
@@ -248,6 +248,8 @@ class Engine:
             self._closed = True
         self._inbox.put(None)
         self._thread.join()
+        if self.disk_cache is not None:
+            self.disk_cache.close()
 
     def join(self) -> None:
         """Wait until the engine thread ends (on ranks other than 0: until rank 0's engine closes); ``EVEError``
@@ -531,8 +533,7 @@ class Engine:
         spans = image_spans(request.inputs.input_ids)
         if not spans or not can_trim_prompt_cache(cache):
             return
-        end = spans[-1][1]
-        self.disk_cache.store(request.key[:end], prefix_of(cache, end))  # it keeps one copy of each
+        self.disk_cache.store_later(request.key, cache, spans[-1][1])  # it keeps one copy of each
 
     def _usage(self, request: Request) -> Usage:
         return Usage(

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -60,6 +61,39 @@ def test_stored_cache_gives_the_fresh_answer_after_a_restart(setup, tmp_path):
     reused, cache = restarted.fetch(key)
     assert reused == image_end
     tokens, logprobs = answer(model, processor, inputs, prompt_cache=cache, reused=reused)
+    assert tokens == fresh_tokens
+    np.testing.assert_allclose(logprobs, fresh_logprobs, atol=1e-4)
+
+
+def test_store_later_writes_from_its_own_thread_what_the_cache_held_then(setup, tmp_path, monkeypatch):
+    """The caller does not wait for the file; the cache it goes on filling does not change what is written."""
+    model, processor, identity, inputs, key, image_end = setup
+    fresh_tokens, fresh_logprobs = answer(model, processor, inputs)
+    cache = prefilled(model, inputs, image_end + 4)
+    expected = [np.array(c.state[0][..., :image_end, :]) for c in cache]
+    writing, may_finish = [], threading.Event()
+
+    def slow_save(*args, **kwargs):
+        writing.append(threading.current_thread().name)
+        assert may_finish.wait(30)
+        return save_atomically(*args, **kwargs)
+
+    monkeypatch.setattr(disk_cache, "save_atomically", slow_save)
+    stored = DiskPromptCache(tmp_path, 1 << 30, identity)
+    stored.store_later(key, cache, image_end)  # returns while the write waits
+    for c in cache:  # the caller writes over the very positions the pending copy holds
+        c.keys[..., :image_end, :] = mx.zeros_like(c.keys[..., :image_end, :])
+        c.values[..., :image_end, :] = mx.zeros_like(c.values[..., :image_end, :])
+    mx.eval([c.state for c in cache])
+    stored.store_later(key, cache, image_end)  # already queued: skipped, not queued twice
+    may_finish.set()
+    stored.close()
+    assert writing == ["mlx-eve-disk-cache"]
+    reused, loaded = DiskPromptCache(tmp_path, 1 << 30, identity).fetch(key)
+    assert reused == image_end
+    for c, keys in zip(loaded, expected):
+        np.testing.assert_array_equal(np.array(c.state[0]), keys)
+    tokens, logprobs = answer(model, processor, inputs, prompt_cache=loaded, reused=reused)
     assert tokens == fresh_tokens
     np.testing.assert_allclose(logprobs, fresh_logprobs, atol=1e-4)
 
