@@ -1,11 +1,12 @@
-"""A bounded soak: a minute of mixed traffic (text and image questions, whole and streamed, streams cancelled part
-way, plain completions) from several clients at once against the server on the demo model, on loopback. No answer
-is a 5xx, every greedy answer is the one it gets alone, and the server's resident memory ends near where the
-warm-up left it."""
+"""A bounded soak: a minute (``MLX_EVE_SOAK_SECONDS``) of mixed traffic (text and image questions, whole and
+streamed, streams cancelled part way, plain completions) from several clients at once against the server on the
+demo model, on loopback. No answer is a 5xx, every greedy answer is the one it gets alone, and the server's
+resident memory ends near where the warm-up left it."""
 
 import base64
 import http.client
 import json
+import os
 import random
 import threading
 import time
@@ -19,7 +20,7 @@ pytest.importorskip("fastapi")
 
 DEMO = Path(__file__).resolve().parent.parent / "mlx_eve" / "assets" / "eve-shapes"
 PICTURE = "data:image/png;base64," + base64.b64encode(IMAGE.read_bytes()).decode()
-SOAK_S = 60
+SOAK_S = float(os.environ.get("MLX_EVE_SOAK_SECONDS", 60))
 CLIENTS = 4
 PROMPT_CACHE_BYTES = 32 * 2**20
 

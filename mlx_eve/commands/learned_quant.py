@@ -176,8 +176,8 @@ def _run(
             )
             print(f"Calibrating on {len(samples)} samples from {args.data_path}.")
         result = quantize(model, samples)
-        print(f"Quantized to {compute_bits_per_weight(model):.3f} bits per weight.")
         out = save_quantized(model, processor, config, args.mlx_path, args.model, _command(name, argv), args.force)
+        print(f"Quantized to {compute_bits_per_weight(model):.3f} bits per weight (as saved).")
         if after_save:
             after_save(out, result)
         print(f"Saved {out} in {time.perf_counter() - tic:.0f} s; peak memory {mx.get_peak_memory() / 2**30:.3f} GiB.")
@@ -190,6 +190,7 @@ def _dwq(args: argparse.Namespace, argv: Optional[List[str]]) -> None:
     import shutil
 
     import mlx.core as mx
+    from mlx_lm.utils import compute_bits_per_weight
 
     from .. import quantization
     from ..data import load_splits
@@ -234,5 +235,6 @@ def _dwq(args: argparse.Namespace, argv: Optional[List[str]]) -> None:
     print(f"Distilling on {len(train_set)} samples from {args.data_path} for {training.iters} steps.")
     dwq_quantize(student, teacher, train_set, valid_set, processor.image_processor, training, checkpoint, args.resume)
     save_quantized(student, processor, config, out, args.model, _command("dwq", argv), args.force)
+    print(f"Quantized to {compute_bits_per_weight(student):.3f} bits per weight (as saved).")
     shutil.rmtree(checkpoint, ignore_errors=True)
     print(f"Saved {out} in {time.perf_counter() - tic:.0f} s; peak memory {mx.get_peak_memory() / 2**30:.3f} GiB.")
