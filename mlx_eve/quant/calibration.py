@@ -15,6 +15,7 @@ from typing import Dict, Iterator, List, Optional, Tuple
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
+from mlx_lm.tuner.losses import kl_div_loss
 
 from ..data import Sample, load_splits
 from ..image import load_image
@@ -119,8 +120,6 @@ def set_aside(model: EVEModel) -> Iterator[CalibrationModel]:
 
 def kl_to_teacher(student_logits: mx.array, teacher_logits: mx.array, temperature: float = 1.0) -> mx.array:
     """Per position, KL(teacher ‖ student) of the softened distributions, as mlx-lm's ``kl_div_loss``."""
-    from mlx_lm.tuner.losses import kl_div_loss
-
     scale = 1 / temperature
     return kl_div_loss(scale * student_logits.astype(mx.float32), scale * teacher_logits.astype(mx.float32))
 
