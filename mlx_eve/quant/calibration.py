@@ -42,7 +42,7 @@ def draw(
     splits: Dict[str, List[Sample]], num_samples: int, seed: int, num_valid: int = 0, split: str = "train"
 ) -> Tuple[List[Sample], List[Sample]]:
     """``num_samples`` records (-1: all) of ``split`` drawn with ``seed``, and ``num_valid`` held-out ones: the
-    first of the valid split, else records of ``split`` not drawn (as mlx-lm's DWQ holds them out)."""
+    first of the valid split, else records of ``split`` left out of training (as mlx-lm's DWQ holds them out)."""
     if split not in splits:
         raise DataError(f"The data has no {split} split.")
     records = splits[split]
