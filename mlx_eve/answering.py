@@ -49,15 +49,16 @@ def answer_in_order(
     requests = iter(requests)
     try:
         while True:
-            for request in requests:
-                try:
-                    waiting.append(
-                        engine.submit(request.prompt, request.images, params, system_prompt=request.system_prompt)
-                    )
-                except EVEError as error:
-                    waiting.append(error)
-                if len(waiting) == 2 * batch_size:
-                    break
+            with engine.arriving():  # those read now start together
+                for request in requests:
+                    try:
+                        waiting.append(
+                            engine.submit(request.prompt, request.images, params, system_prompt=request.system_prompt)
+                        )
+                    except EVEError as error:
+                        waiting.append(error)
+                    if len(waiting) == 2 * batch_size:
+                        break
             if not waiting:
                 return
             head = waiting.popleft()

@@ -126,10 +126,33 @@ _MODEL = "model"
 # With several ranks, how long an idle round lasts: rank 0 sends a plan at least this often, and the others sleep
 # between idle rounds rather than wait inside ``all_sum``, which keeps a core busy while it waits.
 _IDLE_ROUND_S = 0.05
-# An idle engine that receives a request waits at most this long for others that arrive with it, each within
-# _ARRIVALS_S of the one before.
+# An idle engine that receives a request waits at most this long for the others on their way (``Arrival``).
 _GATHER_S = 0.1
-_ARRIVALS_S = 0.01
+
+
+class Arrival:
+    """A request on its way to ``Engine.submit`` (a server reading it, or ``submit`` checking it): while one is
+    open, an idle engine that has just taken a request waits for it (at most ``_GATHER_S``), so that requests that
+    arrive together are prefilled together. ``end`` (or leaving its ``with``) once it is submitted or refused."""
+
+    def __init__(self, engine: "Engine"):
+        self._engine, self._open = engine, True
+        with engine._lock:
+            engine._arriving += 1
+
+    def end(self) -> None:
+        engine = self._engine
+        with engine._arrived:
+            if self._open:
+                self._open = False
+                engine._arriving -= 1
+                engine._arrived.notify_all()
+
+    def __enter__(self) -> "Arrival":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.end()
 
 
 class Engine:
@@ -179,8 +202,8 @@ class Engine:
         self.leader = self.group is None or self.group.rank() == 0
         self._inbox: "queue.Queue[Optional[Request]]" = queue.Queue()
         self._lock = threading.Lock()
-        self._arrived = threading.Condition(self._lock)  # a submission has ended (queued or refused)
-        self._submitting = 0  # requests in ``submit`` now, being read
+        self._arrived = threading.Condition(self._lock)  # an arrival has ended (queued or refused)
+        self._arriving = 0  # open ``Arrival``s: requests on their way to the inbox
         self._waiting = 0  # submitted, not yet in the batch
         self._running = 0  # in the batch, as the engine thread counted them after its last round
         self._closed = False  # by ``close``
@@ -200,18 +223,19 @@ class Engine:
         *,
         system_prompt: Optional[str] = None,
         max_size: Optional[int] = None,
+        arrival: Optional[Arrival] = None,
     ) -> Stream:
         """Queue a request. The prompt, images and settings are checked here, in the caller's thread: ``PromptError``,
         ``ImageError``, ``PromptTooLongError`` or ``SamplingError`` for a bad request, ``QueueFullError`` when the
-        queue is full, ``EngineStoppedError`` once the engine has stopped."""
-        with self._lock:
-            self._submitting += 1
-        try:
+        queue is full, ``EngineStoppedError`` once the engine has stopped. ``arrival``: the request's, from
+        ``arriving``, if it was noted on its way here; it ends either way."""
+        with arrival or Arrival(self):
             return self._submit(prompt, images, params, system_prompt, max_size)
-        finally:
-            with self._arrived:
-                self._submitting -= 1
-                self._arrived.notify_all()
+
+    def arriving(self) -> Arrival:
+        """Note a request on its way to ``submit`` (or several: hold it while submitting them), so that an idle
+        engine does not start the first one alone while the others are still being read."""
+        return Arrival(self)
 
     def _submit(self, prompt, images, params, system_prompt, max_size) -> Stream:
         if not self.leader:
@@ -420,19 +444,16 @@ class Engine:
 
     def _next_request(self, idle_engine: bool, idle: Optional[float], gathering: Optional[float]) -> Optional[Request]:
         """The next request of the inbox (``queue.Empty`` if none comes): waiting for one if the engine is idle;
-        until ``gathering`` for requests that arrive with the first one of an idle engine (each within
-        ``_ARRIVALS_S`` of the last, or still being read in ``submit``), so that they are prefilled together rather
-        than the first alone while the others are still being read; else only one already there."""
+        until ``gathering``, while requests are on their way (``Arrival``), for those that arrive with the first one
+        of an idle engine, so that they are prefilled together rather than the first alone while the others are
+        still being read; else only one already there."""
         if idle_engine:
             return self._inbox.get(timeout=idle)
-        while gathering is not None and (left := gathering - time.monotonic()) > 0:
-            try:
-                return self._inbox.get(timeout=min(_ARRIVALS_S, left))
-            except queue.Empty:
-                with self._arrived:
-                    if not self._submitting:
-                        break
-                    self._arrived.wait(left)  # its request is queued once ``submit`` is done
+        with self._arrived:  # a request is in the inbox before its arrival ends
+            while gathering is not None and self._inbox.empty() and self._arriving:
+                if (left := gathering - time.monotonic()) <= 0:
+                    break
+                self._arrived.wait(left)
         return self._inbox.get(block=False)
 
     def _admit(self, request: Request, running: Dict[int, Request]) -> None:

@@ -1,6 +1,7 @@
 """The serving engine: batched answers equal one-at-a-time answers, the prompt cache is reused only for the
 same images, stop strings, log-probabilities, cancellation and a full queue."""
 
+import threading
 import time
 
 import mlx.core as mx
@@ -10,7 +11,7 @@ from PIL import Image, ImageDraw
 
 from mlx_eve import batch_generate, generate
 from mlx_eve.engine import Engine, QueueFullError, SamplingParams
-from mlx_eve.errors import PromptError
+from mlx_eve.errors import EVEError, PromptError
 
 
 def picture(size, colour, box):
@@ -160,7 +161,6 @@ def test_closing_ends_every_stream(model):
 def test_requests_that_arrive_together_are_prefilled_together(model, monkeypatch):
     """Text and image prompts of different lengths, images of different sizes, one whose start the prompt cache
     holds: one prompt batch, in chunks, and each greedy answer ``generate``'s."""
-    import threading
 
     from mlx_eve import batching
 
@@ -201,10 +201,10 @@ def test_requests_that_arrive_together_are_prefilled_together(model, monkeypatch
         engine.close()
 
 
-def test_an_idle_engine_prefills_requests_submitted_at_once_together(v2_model, monkeypatch):
-    """Four threads submit at the same moment: the first request does not start alone while the others are still
-    being tokenized, and no answer changes for it."""
-    import threading
+def test_an_idle_engine_prefills_requests_that_arrive_together_together(v2_model, monkeypatch):
+    """Four threads submit at the same moment while their arrival is noted (as the server notes each request as it
+    comes in): the first request does not start alone while the others are still being tokenized, and no answer
+    changes for it."""
 
     from mlx_eve import batching
 
@@ -218,10 +218,11 @@ def test_an_idle_engine_prefills_requests_submitted_at_once_together(v2_model, m
     engine = Engine(*v2_model, max_batch_size=4, prompt_cache_bytes=0)
     try:
         start, streams = threading.Barrier(len(prompts)), [None] * len(prompts)
+        arrivals = [engine.arriving() for _ in prompts]
 
         def submit(i):
             start.wait()
-            streams[i] = engine.submit(prompts[i], params=params)
+            streams[i] = engine.submit(prompts[i], params=params, arrival=arrivals[i])
 
         threads = [threading.Thread(target=submit, args=(i,)) for i in range(len(prompts))]
         for thread in threads:
@@ -230,6 +231,35 @@ def test_an_idle_engine_prefills_requests_submitted_at_once_together(v2_model, m
             thread.join()
         assert ["".join(e.text for e in s) for s in streams] == alone
         assert shapes[0][0] == len(prompts)
+    finally:
+        engine.close()
+
+
+def test_an_idle_engine_waits_for_the_requests_on_their_way_only(v2_model, monkeypatch):
+    """With nothing else on its way a request starts at once, not after the wait for others; one that is on its way
+    holds the start back until it is submitted, or until it is refused."""
+    from mlx_eve import engine as engine_module
+
+    monkeypatch.setattr(engine_module, "_GATHER_S", 600.0)
+    params = SamplingParams(max_tokens=2)
+    engine = Engine(*v2_model, prompt_cache_bytes=0)
+    try:
+        began = time.monotonic()
+        assert len(list(engine.submit("Hi", params=params))) == 2
+        assert time.monotonic() - began < 60  # far less than the 600 s it would have waited
+
+        arrival = engine.arriving()
+        held = engine.submit("Hello", params=params)
+        events = iter(held)
+        first = []
+        reader = threading.Thread(target=lambda: first.append(next(events)))
+        reader.start()
+        reader.join(1.0)
+        assert not first  # still waiting for the one on its way
+        with pytest.raises(EVEError):
+            engine.submit("word " * 20000, params=params, arrival=arrival)  # refused: too long for the context
+        reader.join(60)
+        assert first and len([*first, *events]) == 2
     finally:
         engine.close()
 

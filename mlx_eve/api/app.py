@@ -76,10 +76,13 @@ def _route(answer: Callable[[Served, Dict[str, Any], Receive], Awaitable[Respons
     """The route of a protocol's ``answer`` to a JSON body."""
 
     async def route(request: Request) -> Response:
+        this = served.arriving()
         try:
-            return await answer(served, await read_json(request, served.settings), request.receive)
+            return await answer(this, await read_json(request, served.settings), request.receive)
         except ClientGone:
             return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
+        finally:
+            this.arrival.end()  # if it never reached the engine
 
     return route
 

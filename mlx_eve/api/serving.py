@@ -7,13 +7,13 @@ import functools
 import json
 import logging
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, AsyncIterator, Awaitable, Callable, Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import anyio.to_thread
 from starlette.responses import StreamingResponse
 
-from ..engine import Engine, EngineStoppedError, Event, Stream
+from ..engine import Arrival, Engine, EngineStoppedError, Event, Stream
 from ..errors import EVEError
 from ..image_fetching import URL_SCHEMES, ImageLimits, read_image
 from ..processor import Processor
@@ -42,13 +42,20 @@ class ServerSettings(ImageLimits):
 @dataclass
 class Served:
     """The model a server answers with: its engine and processor, the settings, ``stopping``, set when the
-    answers in progress must end (the server is stopping), and the metrics its requests count in."""
+    answers in progress must end (the server is stopping), and the metrics its requests count in; for one request
+    (``arriving``), also its ``Arrival``, which ends once it is submitted."""
 
     engine: Engine
     processor: Processor
     settings: ServerSettings
     stopping: asyncio.Event
     metrics: Metrics
+    arrival: Optional[Arrival] = None
+
+    def arriving(self) -> "Served":
+        """What a request that has just come in is answered with: its arrival is noted at once, before its body is
+        read, so that the engine prefills it with the requests that came in with it (``Engine.arriving``)."""
+        return replace(self, arrival=self.engine.arriving())
 
     @property
     def vocab_size(self) -> int:
@@ -79,7 +86,7 @@ class Served:
         images = [read_image(url, self.settings) for url in image_urls]
         if not (self.settings.keep_image_positions or isinstance(prompt, str)):
             prompt = images_first(prompt)
-        stream = self.engine.submit(prompt, images=images, params=params)
+        stream = self.engine.submit(prompt, images=images, params=params, arrival=self.arrival)
         self.metrics.submitted(stream)
         return stream
 
