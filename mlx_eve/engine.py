@@ -126,19 +126,24 @@ _MODEL = "model"
 # With several ranks, how long an idle round lasts: rank 0 sends a plan at least this often, and the others sleep
 # between idle rounds rather than wait inside ``all_sum``, which keeps a core busy while it waits.
 _IDLE_ROUND_S = 0.05
-# An idle engine that receives a request waits at most this long for the others on their way (``Arrival``).
+# An idle engine that receives a request waits at most this long for others that arrive with it: while requests are
+# on their way (``Arrival``), and till _ARRIVALS_S after the last one was noted (clients of a burst connect a few
+# milliseconds apart).
 _GATHER_S = 0.1
+_ARRIVALS_S = 0.01
 
 
 class Arrival:
     """A request on its way to ``Engine.submit`` (a server reading it, or ``submit`` checking it): while one is
-    open, an idle engine that has just taken a request waits for it (at most ``_GATHER_S``), so that requests that
-    arrive together are prefilled together. ``end`` (or leaving its ``with``) once it is submitted or refused."""
+    open, and shortly after one began, an idle engine that has just taken a request waits for more (at most
+    ``_GATHER_S``), so that requests that arrive together are prefilled together. ``end`` (or leaving its ``with``)
+    once it is submitted or refused."""
 
     def __init__(self, engine: "Engine"):
         self._engine, self._open = engine, True
         with engine._lock:
             engine._arriving += 1
+            engine._last_arrival = time.monotonic()
 
     def end(self) -> None:
         engine = self._engine
@@ -204,6 +209,7 @@ class Engine:
         self._lock = threading.Lock()
         self._arrived = threading.Condition(self._lock)  # an arrival has ended (queued or refused)
         self._arriving = 0  # open ``Arrival``s: requests on their way to the inbox
+        self._last_arrival = 0.0  # when the last ``Arrival`` began
         self._waiting = 0  # submitted, not yet in the batch
         self._running = 0  # in the batch, as the engine thread counted them after its last round
         self._closed = False  # by ``close``
@@ -444,14 +450,15 @@ class Engine:
 
     def _next_request(self, idle_engine: bool, idle: Optional[float], gathering: Optional[float]) -> Optional[Request]:
         """The next request of the inbox (``queue.Empty`` if none comes): waiting for one if the engine is idle;
-        until ``gathering``, while requests are on their way (``Arrival``), for those that arrive with the first one
-        of an idle engine, so that they are prefilled together rather than the first alone while the others are
-        still being read; else only one already there."""
+        until ``gathering``, while requests are on their way (``Arrival``) or one began less than ``_ARRIVALS_S``
+        ago, for those that arrive with the first one of an idle engine, so that they are prefilled together rather
+        than the first alone while the others are still being read; else only one already there."""
         if idle_engine:
             return self._inbox.get(timeout=idle)
         with self._arrived:  # a request is in the inbox before its arrival ends
-            while gathering is not None and self._inbox.empty() and self._arriving:
-                if (left := gathering - time.monotonic()) <= 0:
+            while gathering is not None and self._inbox.empty():
+                until = gathering if self._arriving else min(gathering, self._last_arrival + _ARRIVALS_S)
+                if (left := until - time.monotonic()) <= 0:
                     break
                 self._arrived.wait(left)
         return self._inbox.get(block=False)

@@ -236,8 +236,8 @@ def test_an_idle_engine_prefills_requests_that_arrive_together_together(v2_model
 
 
 def test_an_idle_engine_waits_for_the_requests_on_their_way_only(v2_model, monkeypatch):
-    """With nothing else on its way a request starts at once, not after the wait for others; one that is on its way
-    holds the start back until it is submitted, or until it is refused."""
+    """With nothing else on its way a request starts without waiting out the time allowed for others; one that is
+    on its way holds the start back until it is submitted, or until it is refused."""
     from mlx_eve import engine as engine_module
 
     monkeypatch.setattr(engine_module, "_GATHER_S", 600.0)
