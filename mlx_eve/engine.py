@@ -235,7 +235,7 @@ class Engine:
         ``ImageError``, ``PromptTooLongError`` or ``SamplingError`` for a bad request, ``QueueFullError`` when the
         queue is full, ``EngineStoppedError`` once the engine has stopped. ``arrival``: the request's, from
         ``arriving``, if it was noted on its way here; it ends either way."""
-        with arrival or Arrival(self):
+        with arrival or self.arriving():
             return self._submit(prompt, images, params, system_prompt, max_size)
 
     def arriving(self) -> Arrival:
@@ -455,12 +455,13 @@ class Engine:
         than the first alone while the others are still being read; else only one already there."""
         if idle_engine:
             return self._inbox.get(timeout=idle)
-        with self._arrived:  # a request is in the inbox before its arrival ends
-            while gathering is not None and self._inbox.empty():
-                until = gathering if self._arriving else min(gathering, self._last_arrival + _ARRIVALS_S)
-                if (left := until - time.monotonic()) <= 0:
-                    break
-                self._arrived.wait(left)
+        if gathering is not None:
+            with self._arrived:  # a request is in the inbox before its arrival ends
+                while self._inbox.empty():
+                    until = gathering if self._arriving else min(gathering, self._last_arrival + _ARRIVALS_S)
+                    if (left := until - time.monotonic()) <= 0:
+                        break
+                    self._arrived.wait(left)
         return self._inbox.get(block=False)
 
     def _admit(self, request: Request, running: Dict[int, Request]) -> None:

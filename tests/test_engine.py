@@ -161,7 +161,6 @@ def test_closing_ends_every_stream(model):
 def test_requests_that_arrive_together_are_prefilled_together(model, monkeypatch):
     """Text and image prompts of different lengths, images of different sizes, one whose start the prompt cache
     holds: one prompt batch, in chunks, and each greedy answer ``generate``'s."""
-
     from mlx_eve import batching
 
     prompts = [
@@ -205,7 +204,6 @@ def test_an_idle_engine_prefills_requests_that_arrive_together_together(v2_model
     """Four threads submit at the same moment while their arrival is noted (as the server notes each request as it
     comes in): the first request does not start alone while the others are still being tokenized, and no answer
     changes for it."""
-
     from mlx_eve import batching
 
     prompts = ["What is it?", "Hello there, how are you today?", "Describe it.", "Hi"]
